@@ -1,0 +1,16 @@
+"""hf_xsam: XSAM (eXplicit Sharpness-Aware Minimization) for the Hugging Face Trainer."""
+
+from .arguments import XSAMArguments, XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
+from .engine import XSAM
+from .trainer import XSAMSeq2SeqTrainer, XSAMTrainer, XSAMTrainerMixin
+
+__all__ = [
+    "XSAM",
+    "XSAMArguments",
+    "XSAMSeq2SeqTrainer",
+    "XSAMSeq2SeqTrainingArguments",
+    "XSAMTrainer",
+    "XSAMTrainerMixin",
+    "XSAMTrainingArguments",
+]
+__version__ = "0.1.0"

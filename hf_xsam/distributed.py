@@ -1,0 +1,51 @@
+"""Averaging lists of tensors across data-parallel workers with few, bucketed collective calls.
+
+Example:
+    >>> import torch
+    >>> from hf_xsam.distributed import all_reduce_mean_
+    >>> grads = [torch.ones(2), torch.ones(3)]
+    >>> all_reduce_mean_(grads)  # a no-op without an initialised process group
+    >>> grads[0].tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_reduce_mean_", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 32 * 2**20
+
+
+def _buckets(tensors: list[Tensor], bucket_bytes: int) -> Iterator[list[Tensor]]:
+    """Consecutive runs of tensors of one dtype and device, each run at most ``bucket_bytes`` (or one tensor)."""
+    bucket: list[Tensor] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        same_kind = not bucket or (tensor.dtype == bucket[0].dtype and tensor.device == bucket[0].device)
+        if bucket and (not same_kind or size + nbytes > bucket_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: list[Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``tensors`` in place over all workers: one all-reduce per bucket of ``bucket_bytes``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return
+    world_size = dist.get_world_size()
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        flat.div_(world_size)
+        torch._foreach_copy_(bucket, [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in bucket]), bucket)])

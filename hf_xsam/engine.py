@@ -1,0 +1,349 @@
+"""The XSAM step over a list of parameters, independent of transformers.
+
+One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the XSAM direction:
+
+    w0 = w;  g0 = grad L(w0)                                  (the reported loss)
+    for i in 1..k:  w <- w + (rho / k) g / (||g|| + eps)      (ascent; g the gradient at w)
+    g_k = grad L(w_k);  v0 = (w_k - w0) / ||w_k - w0||;  v1 = g_k / ||g_k||
+    theta = arccos <v0, v1>;  u(alpha) = sin((1-alpha) theta)/sin theta v0 + sin(alpha theta)/sin theta v1
+    d = ||g_k|| u(alpha);  w <- w0 (exact copy);  grad <- d
+
+On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``.
+
+Example:
+    >>> import torch
+    >>> from hf_xsam.engine import XSAM
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> engine = XSAM([w], rho=0.1)
+    >>> def forward_backward():
+    ...     loss = (w ** 4).sum()
+    ...     loss.backward()
+    ...     return loss.detach()
+    >>> loss = engine.step(forward_backward, lambda: (w ** 4).sum(), step=0)
+    >>> engine.alpha  # searched on the first step
+    2.0
+    >>> w.tolist()  # restored exactly; w.grad holds the XSAM direction
+    [1.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .geometry import angle, global_dot, global_norm, slerp_coefficients
+from .guards import RunningStatsGuard, replayed_random_state
+
+__all__ = ["XSAM", "XSAMStepStats", "validate_settings", "SAM_METHODS", "PERTURBATIONS"]
+
+SAM_METHODS = ("xsam", "sam", "none")
+PERTURBATIONS = ("local", "global")
+
+GradientReducer = Callable[[list[Tensor]], None]
+
+
+def validate_settings(
+    *,
+    sam_method: str = "xsam",
+    rho: float = 0.05,
+    ascent_steps: int = 1,
+    rho_max: float | None = None,
+    alpha: float = 1.0,
+    alpha_max: float = 2.0,
+    alpha_step: float = 0.1,
+    alpha_search_interval: int | None = None,
+    sam_interval: int = 1,
+    sam_perturbation: str = "local",
+    sam_eps: float = 1e-12,
+) -> None:
+    """Raise ``ValueError`` naming the field, its value and what is allowed, for any invalid setting."""
+    if sam_method not in SAM_METHODS:
+        raise ValueError(f"Invalid sam_method: {sam_method!r}; choose one of {', '.join(SAM_METHODS)}")
+    if sam_perturbation not in PERTURBATIONS:
+        raise ValueError(f"Invalid sam_perturbation: {sam_perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
+    checks = [
+        ("rho", rho, rho is not None and rho > 0, "a number > 0"),
+        ("ascent_steps", ascent_steps, isinstance(ascent_steps, int) and ascent_steps >= 1, "an integer >= 1"),
+        ("rho_max", rho_max, rho_max is None or rho_max > 0, "None (2 * rho) or a number > 0"),
+        ("alpha", alpha, alpha is not None and math.isfinite(alpha), "a finite number"),
+        ("alpha_max", alpha_max, alpha_max is not None and alpha_max >= 0, "a number >= 0"),
+        ("alpha_step", alpha_step, alpha_step is not None and alpha_step > 0, "a number > 0"),
+        (
+            "alpha_search_interval",
+            alpha_search_interval,
+            alpha_search_interval is None or (isinstance(alpha_search_interval, int) and alpha_search_interval >= 0),
+            "None (first step of every epoch), 0 (never) or an integer >= 1",
+        ),
+        ("sam_interval", sam_interval, isinstance(sam_interval, int) and sam_interval >= 1, "an integer >= 1"),
+        ("sam_eps", sam_eps, sam_eps is not None and sam_eps > 0, "a number > 0"),
+    ]
+    for name, value, valid, allowed in checks:
+        if not valid:
+            raise ValueError(f"Invalid {name}: {value!r}; it must be {allowed}")
+
+
+@dataclass
+class XSAMStepStats:
+    """What one XSAM step measured, as 0-dim tensors on the parameters' device (no host sync)."""
+
+    loss: Tensor
+    ascent_loss: Tensor
+    theta: Tensor
+    nonfinite: Tensor
+
+
+class XSAM:
+    """XSAM (eXplicit Sharpness-Aware Minimization) as a gradient transformation.
+
+    The engine leaves in ``p.grad`` the direction the base optimizer should step along, and the weights
+    exactly as they were. It owns one parameter-sized buffer (the saved weights), plus one for the
+    accumulated direction when ``accumulate=True`` is used.
+
+    Args:
+        params: the parameters to train; only those with ``requires_grad`` and a gradient take part.
+        rho: total ascent radius, split over ``ascent_steps``.
+        ascent_steps: k, the number of ascent steps.
+        rho_max: radius of the alpha search (default ``2 * rho``).
+        alpha: alpha used until the first search, and always when the search is off.
+        alpha_max: largest alpha of the search grid ``0, alpha_step, ..., alpha_max``.
+        alpha_step: spacing of the grid.
+        alpha_search_interval: steps between searches; ``None`` searches on the first step of every epoch,
+            ``0`` never searches.
+        search: whether alpha is searched at all (``False`` gives k-step SAM for ``alpha=1``).
+        eps: epsilon of every normalisation.
+        modules: modules whose BatchNorm running statistics must only see the first pass.
+        reduce_gradients: averages a list of gradients across data-parallel workers in place.
+        reduce_losses: averages a 1-D tensor of losses across workers in place (alpha search).
+        perturbation: ``"local"`` reduces the final direction once per optimizer step; ``"global"`` reduces
+            every gradient before it is used, so the step equals one device on the global batch.
+
+    References:
+        J. Chen, Z. Zhou, "Revisiting Sharpness-Aware Minimization: A More Faithful and Effective
+        Implementation", ICLR 2026, arXiv:2603.10048.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        *,
+        rho: float = 0.05,
+        ascent_steps: int = 1,
+        rho_max: float | None = None,
+        alpha: float = 1.0,
+        alpha_max: float = 2.0,
+        alpha_step: float = 0.1,
+        alpha_search_interval: int | None = None,
+        search: bool = True,
+        eps: float = 1e-12,
+        modules: Iterable[nn.Module] = (),
+        reduce_gradients: GradientReducer | None = None,
+        reduce_losses: GradientReducer | None = None,
+        perturbation: str = "local",
+    ) -> None:
+        validate_settings(
+            rho=rho,
+            ascent_steps=ascent_steps,
+            rho_max=rho_max,
+            alpha=alpha,
+            alpha_max=alpha_max,
+            alpha_step=alpha_step,
+            alpha_search_interval=alpha_search_interval,
+            sam_perturbation=perturbation,
+            sam_eps=eps,
+        )
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("XSAM got no parameter with requires_grad=True: there is nothing to train")
+        self.rho = rho
+        self.ascent_steps = ascent_steps
+        self.rho_max = 2 * rho if rho_max is None else rho_max
+        self.alpha = float(alpha)
+        self.alpha_grid = [round(i * alpha_step, 10) for i in range(int(math.floor(alpha_max / alpha_step + 1e-9)) + 1)]
+        self.alpha_search_interval = alpha_search_interval if search else 0
+        self.eps = eps
+        self.running_stats = RunningStatsGuard(modules)
+        self.reduce_gradients = reduce_gradients
+        self.reduce_losses = reduce_losses
+        self.perturbation = perturbation
+        self.last_search_step: int | None = None
+        self.last_search_epoch: int | None = None
+        self.search_history: list[dict[str, Any]] = []
+        self._saved: dict[Tensor, Tensor] = {}
+        self._accumulated: dict[Tensor, Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # schedule and state
+
+    def search_due(self, step: int, epoch: int) -> bool:
+        """Whether the optimizer step ``step`` (in epoch ``epoch``) searches alpha."""
+        if self.alpha_search_interval == 0:
+            return False
+        if self.last_search_step is None:
+            return True
+        if self.alpha_search_interval is None:
+            return epoch > self.last_search_epoch
+        return step - self.last_search_step >= self.alpha_search_interval
+
+    def state_dict(self) -> dict[str, Any]:
+        """The alpha in use and the search schedule, as plain Python values (JSON-serialisable)."""
+        return {
+            "alpha": self.alpha,
+            "last_search_step": self.last_search_step,
+            "last_search_epoch": self.last_search_epoch,
+            "search_history": list(self.search_history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; missing keys keep their defaults."""
+        self.alpha = float(state.get("alpha", self.alpha))
+        self.last_search_step = state.get("last_search_step")
+        self.last_search_epoch = state.get("last_search_epoch")
+        self.search_history = list(state.get("search_history", []))
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+
+    def _active(self) -> tuple[list[Tensor], list[Tensor]]:
+        params = [p for p in self.params if p.grad is not None]
+        return params, [p.grad for p in params]
+
+    def _buffers(self, store: dict[Tensor, Tensor], params: list[Tensor]) -> list[Tensor]:
+        for p in params:
+            if p not in store:
+                store[p] = torch.zeros_like(p)
+        return [store[p] for p in params]
+
+    def _reduce_if_global(self, grads: list[Tensor]) -> None:
+        if self.perturbation == "global" and self.reduce_gradients is not None:
+            self.reduce_gradients(grads)
+
+    @torch.no_grad()
+    def step(
+        self,
+        forward_backward: Callable[[], Tensor],
+        loss_only: Callable[[], Tensor] | None = None,
+        *,
+        step: int = 0,
+        epoch: int = 0,
+        accumulate: bool = False,
+    ) -> XSAMStepStats:
+        """Run one XSAM step on one (micro-)batch and leave the direction in ``p.grad``.
+
+        Args:
+            forward_backward: computes the loss at the current weights, calls ``backward`` on it and returns
+                it detached. Called ``k + 1`` times; the first call may update BatchNorm statistics.
+            loss_only: the loss at the current weights without gradient (needed on search steps).
+            step: index of the optimizer step, for the search schedule.
+            epoch: index of the epoch, for the search schedule.
+            accumulate: ``True`` for every micro-batch but the last of an optimizer step: the direction is
+                added to an internal buffer and ``p.grad`` is zeroed. On the last micro-batch ``p.grad``
+                receives the sum of all directions and, in ``"local"`` mode, is averaged across workers.
+
+        Returns:
+            :class:`XSAMStepStats` with the loss at ``w0``, the loss at the ascent point, the angle theta
+            (radians) and whether a gradient was non-finite (then ``p.grad`` is non-finite too, so a
+            gradient scaler skips the step).
+        """
+        with torch.enable_grad():
+            loss = forward_backward()
+        params, grads = self._active()
+        self._reduce_if_global(grads)
+        saved = self._buffers(self._saved, params)
+        torch._foreach_copy_(saved, params)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=loss.device)
+        try:
+            with self.running_stats:
+                for i in range(self.ascent_steps):
+                    if i > 0:
+                        self._fresh_gradient(forward_backward, grads)
+                    norm = global_norm(grads)
+                    finite = torch.isfinite(norm)
+                    nonfinite |= ~finite
+                    scale = torch.where(finite, (self.rho / self.ascent_steps) / (norm + self.eps), 0.0)
+                    # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass refills it)
+                    torch._foreach_mul_(grads, scale)
+                    torch._foreach_add_(params, grads)
+                ascent_loss = self._fresh_gradient(forward_backward, grads)
+                grad_norm = global_norm(grads)
+                nonfinite |= ~torch.isfinite(grad_norm)
+                # params now hold the displacement w_k - w0 (v0 before normalisation)
+                torch._foreach_sub_(params, saved)
+                displacement_norm = global_norm(params)
+                theta = angle(global_dot(params, grads), displacement_norm, grad_norm, self.eps)
+                if loss_only is not None and self.search_due(step, epoch):
+                    self._search_alpha(loss_only, params, saved, grads, theta, displacement_norm, grad_norm, nonfinite)
+                    self.last_search_step, self.last_search_epoch = step, epoch
+                    self.search_history[-1]["step"] = step
+                c0, c1 = slerp_coefficients(theta, self.alpha)
+                # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
+                # a non-finite pass poisons d so that the scaler skips the step
+                c1 = torch.where(nonfinite, torch.nan, c1)
+                torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + self.eps))
+                torch._foreach_mul_(grads, c1)
+                torch._foreach_add_(grads, params)
+        finally:
+            # back to w0 exactly, whatever happened above
+            torch._foreach_copy_(params, saved)
+        self._accumulate(params, grads, accumulate)
+        return XSAMStepStats(loss=loss, ascent_loss=ascent_loss, theta=theta, nonfinite=nonfinite)
+
+    def _fresh_gradient(self, forward_backward: Callable[[], Tensor], grads: list[Tensor]) -> Tensor:
+        torch._foreach_zero_(grads)
+        with torch.enable_grad():
+            loss = forward_backward()
+        self._reduce_if_global(grads)
+        return loss
+
+    def _accumulate(self, params: list[Tensor], grads: list[Tensor], accumulate: bool) -> None:
+        if accumulate:
+            torch._foreach_add_(self._buffers(self._accumulated, params), grads)
+            torch._foreach_zero_(grads)
+            return
+        if self._accumulated:
+            accumulated = self._buffers(self._accumulated, params)
+            torch._foreach_add_(grads, accumulated)
+            torch._foreach_zero_(accumulated)
+        if self.perturbation == "local" and self.reduce_gradients is not None:
+            self.reduce_gradients(grads)
+
+    def _search_alpha(
+        self,
+        loss_only: Callable[[], Tensor],
+        params: list[Tensor],
+        saved: list[Tensor],
+        grads: list[Tensor],
+        theta: Tensor,
+        displacement_norm: Tensor,
+        grad_norm: Tensor,
+        nonfinite: Tensor,
+    ) -> None:
+        """Evaluate the loss at ``w0 + rho_max u(alpha)`` on the grid and keep the alpha of the largest."""
+        if bool(nonfinite):
+            self.search_history.append({"alpha": self.alpha, "theta": float("nan"), "losses": []})
+            return
+        displacement = torch._foreach_clone(params)
+        grid = torch.tensor(self.alpha_grid, dtype=theta.dtype, device=theta.device)
+        c0, c1 = slerp_coefficients(theta, grid)
+        along_displacement = (self.rho_max * c0 / (displacement_norm + self.eps)).tolist()
+        along_gradient = (self.rho_max * c1 / (grad_norm + self.eps)).tolist()
+        losses = []
+        with replayed_random_state(params[0].device) as replay:
+            for a, b in zip(along_displacement, along_gradient):
+                torch._foreach_copy_(params, saved)
+                torch._foreach_add_(params, displacement, alpha=a)
+                torch._foreach_add_(params, grads, alpha=b)
+                losses.append(replay(loss_only).detach().float().reshape(()))
+        torch._foreach_copy_(params, displacement)
+        losses_tensor = torch.stack(losses)
+        if self.reduce_losses is not None:
+            self.reduce_losses(losses_tensor)
+        values = losses_tensor.tolist()
+        finite = [(v, -i) for i, v in enumerate(values) if math.isfinite(v)]
+        if finite:
+            self.alpha = self.alpha_grid[-max(finite)[1]]
+        self.search_history.append({"alpha": self.alpha, "theta": math.degrees(theta.item()), "losses": values})

@@ -1,0 +1,66 @@
+"""Geometry over lists of tensors: global norms, dot products, angles and slerp coefficients.
+
+Every function treats a list of tensors as one flat vector, uses the multi-tensor ``torch._foreach_*``
+kernels and returns 0-dim tensors, so nothing here synchronises the host with the device.
+
+Example:
+    >>> import torch
+    >>> from hf_xsam.geometry import global_norm, global_dot, angle
+    >>> xs = [torch.tensor([3.0, 0.0]), torch.tensor([0.0])]
+    >>> ys = [torch.tensor([0.0, 2.0]), torch.tensor([0.0])]
+    >>> float(global_norm(xs)), float(global_dot(xs, ys))
+    (3.0, 0.0)
+    >>> round(float(angle(global_dot(xs, ys), global_norm(xs), global_norm(ys), 1e-12)), 4)
+    1.5708
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["PLANE_TOLERANCE", "global_norm", "global_dot", "angle", "slerp_coefficients"]
+
+# Below this value of sin(theta) the plane of v0 and v1 is taken as undefined and u(alpha) = v1.
+PLANE_TOLERANCE = 1e-3
+
+
+def global_norm(tensors: list[Tensor]) -> Tensor:
+    """Euclidean norm of all ``tensors`` taken together, computed in float32 (or float64 if given)."""
+    if not tensors:
+        return torch.zeros(())
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
+
+
+def global_dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """Dot product of two lists of tensors seen as flat vectors (one batched matmul per pair)."""
+    if not xs:
+        return torch.zeros(())
+    products = torch._foreach_mm([x.reshape(1, -1) for x in xs], [y.reshape(-1, 1) for y in ys])
+    dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    return torch.cat([p.reshape(1) for p in products]).to(dtype).sum()
+
+
+def angle(dot: Tensor, norm_x: Tensor, norm_y: Tensor, eps: float) -> Tensor:
+    """Angle in radians between two vectors, from their dot product and norms (clamped, never NaN)."""
+    cosine = dot / (norm_x * norm_y + eps)
+    return torch.arccos(torch.nan_to_num(cosine, nan=0.0).clamp(-1.0, 1.0))
+
+
+def slerp_coefficients(theta: Tensor, alpha: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Coefficients ``(c0, c1)`` with ``u(alpha) = c0 * v0 + c1 * v1`` for unit vectors at angle ``theta``.
+
+    ``u(alpha)`` lies at angle ``alpha * theta`` from ``v0`` towards (and past) ``v1``:
+
+        c0 = sin((1 - alpha) theta) / sin(theta),   c1 = sin(alpha theta) / sin(theta)
+
+    When ``sin(theta) <= PLANE_TOLERANCE`` the plane is undefined and ``(c0, c1) = (0, 1)``, i.e. ``u = v1``.
+    ``alpha`` may be a float or a tensor of several alphas (the coefficients broadcast).
+    """
+    sin_theta = torch.sin(theta)
+    defined = sin_theta > PLANE_TOLERANCE
+    safe_sin = torch.where(defined, sin_theta, torch.ones_like(sin_theta))
+    c0 = torch.where(defined, torch.sin((1 - alpha) * theta) / safe_sin, torch.zeros_like(sin_theta))
+    c1 = torch.where(defined, torch.sin(alpha * theta) / safe_sin, torch.ones_like(sin_theta))
+    return c0, c1

@@ -1,0 +1,220 @@
+"""`Trainer` and `Seq2SeqTrainer` that take XSAM steps.
+
+Example:
+    >>> import torch
+    >>> from datasets import Dataset
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+    >>> config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                     intermediate_size=32, num_labels=2)
+    >>> data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 8, "labels": [0, 1] * 4})
+    >>> args = XSAMTrainingArguments(output_dir="/tmp/xsam-doctest", max_steps=2, per_device_train_batch_size=4,
+    ...                              report_to="none", rho=0.05)
+    >>> trainer = XSAMTrainer(model=BertForSequenceClassification(config), args=args, train_dataset=data)
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {...'train_loss': ...}
+    >>> 0.0 <= trainer.xsam.alpha <= 2.0
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer
+
+from .arguments import XSAMArguments, XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
+from .distributed import all_reduce_mean_
+from .engine import XSAM, XSAMStepStats
+
+__all__ = ["XSAMTrainerMixin", "XSAMTrainer", "XSAMSeq2SeqTrainer", "XSAM_STATE_NAME"]
+
+XSAM_STATE_NAME = "xsam_state.json"
+# Sums since the last log: theta (degrees), ascent loss and sharpness over finite micro-batches (losses
+# normalised per micro-batch as the Trainer's loss is, so their sum per step compares with `loss`), and
+# the counts of finite and of non-finite micro-batches.
+_TOTALS = 5
+
+
+class XSAMTrainerMixin:
+    """Overrides `training_step` to take an XSAM step; everything else is the Trainer's.
+
+    Each pass runs through the parent's `training_step`, so loss scaling (fp16), gradient-accumulation
+    normalisation, custom `compute_loss` and label smoothing behave as with the plain Trainer. The
+    engine's state (alpha and the search schedule) is saved with every checkpoint and restored on resume.
+    """
+
+    args: XSAMArguments
+    default_args_class: type = XSAMTrainingArguments
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) < 2 and kwargs.get("args") is None:
+            kwargs["args"] = self.default_args_class(output_dir="trainer_output")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, XSAMArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs XSAMTrainingArguments (or XSAMSeq2SeqTrainingArguments), "
+                f"got {type(self.args).__name__}"
+            )
+        self._check_supported()
+        self.xsam: XSAM | None = None
+        self._xsam_pending_state: dict[str, Any] | None = None
+        self._xsam_totals: torch.Tensor | None = None
+        self._xsam_steps = 0
+        self._xsam_alpha_sum = 0.0
+
+    # ----------------------------------------------------------------------------------------------
+    # construction-time checks
+
+    def _check_supported(self) -> None:
+        if self.args.sam_method == "none":
+            return
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "XSAM is not supported with DeepSpeed: DeepSpeed owns the gradients the XSAM step must read and "
+                "rewrite. Use FSDP (`--fsdp full_shard`) or plain data parallel (`accelerate launch` / `torchrun`) "
+                "instead."
+            )
+        model_computes_loss = bool(self.label_names) or self.can_return_loss
+        custom_loss = self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
+        if not (model_computes_loss or custom_loss):
+            raise ValueError(
+                f"XSAM needs a loss to differentiate, but {type(self.model).__name__}.forward takes no labels "
+                "argument: pass `label_names`, `compute_loss_func`, or override `compute_loss`."
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+
+    def _xsam_engine(self, model: nn.Module) -> XSAM:
+        if self.xsam is None:
+            args = self.args
+            distributed = self.accelerator.num_processes > 1
+            self.xsam = XSAM(
+                model.parameters(),
+                rho=args.rho,
+                ascent_steps=args.ascent_steps,
+                rho_max=args.rho_max,
+                alpha=1.0 if args.sam_method == "sam" else args.alpha,
+                alpha_max=args.alpha_max,
+                alpha_step=args.alpha_step,
+                alpha_search_interval=args.alpha_search_interval,
+                search=args.sam_method == "xsam",
+                eps=args.sam_eps,
+                modules=model.modules(),
+                reduce_gradients=all_reduce_mean_ if distributed else None,
+                reduce_losses=(lambda losses: all_reduce_mean_([losses])) if distributed else None,
+                perturbation=args.sam_perturbation,
+            )
+            if self._xsam_pending_state is not None:
+                self.xsam.load_state_dict(self._xsam_pending_state)
+                self._xsam_pending_state = None
+        return self.xsam
+
+    def _sharpness_aware_step_due(self) -> bool:
+        return self.args.sam_method != "none" and self.state.global_step % self.args.sam_interval == 0
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One XSAM step on one (micro-)batch; returns the loss at the current weights, as `Trainer` does."""
+        if not self._sharpness_aware_step_due():
+            return super().training_step(model, inputs, num_items_in_batch)
+        engine = self._xsam_engine(model)
+        parent_training_step = super().training_step
+
+        def forward_backward() -> torch.Tensor:
+            return parent_training_step(model, inputs, num_items_in_batch)
+
+        def loss_only() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
+
+        # Every pass runs without DDP's own gradient all-reduce: the engine reduces what it needs itself.
+        with self.accelerator.no_sync(model):
+            stats = engine.step(
+                forward_backward,
+                loss_only,
+                step=self.state.global_step,
+                epoch=math.floor(self.state.epoch or 0),
+                accumulate=not self.accelerator.sync_gradients,
+            )
+        self._record_xsam_stats(stats)
+        return stats.loss
+
+    # ----------------------------------------------------------------------------------------------
+    # logging
+
+    def _record_xsam_stats(self, stats: XSAMStepStats) -> None:
+        finite = ~stats.nonfinite
+        values = torch.stack(
+            [
+                torch.rad2deg(stats.theta.float()),
+                stats.ascent_loss.float(),
+                (stats.ascent_loss - stats.loss).float(),
+                finite.float(),
+                stats.nonfinite.float(),
+            ]
+        )
+        values = torch.where(finite | (torch.arange(_TOTALS, device=values.device) == _TOTALS - 1), values, 0.0)
+        if self._xsam_totals is None:
+            self._xsam_totals = torch.zeros(_TOTALS, device=values.device)
+        self._xsam_totals += values
+        if self.accelerator.sync_gradients:
+            self._xsam_steps += 1
+            self._xsam_alpha_sum += self.xsam.alpha
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds the `xsam/*` figures, averaged since the last training log, to training logs."""
+        if "loss" in logs and self._xsam_steps > 0:
+            totals = self.accelerator.reduce(self._xsam_totals, reduction="mean").tolist()
+            theta, ascent_loss, sharpness, finite, nonfinite = totals
+            logs["xsam/alpha"] = self._xsam_alpha_sum / self._xsam_steps
+            logs["xsam/theta"] = theta / max(finite, 1.0)
+            logs["xsam/ascent_loss"] = ascent_loss / self._xsam_steps
+            logs["xsam/sharpness"] = sharpness / self._xsam_steps
+            logs["xsam/nonfinite"] = nonfinite
+            self._xsam_totals.zero_()
+            self._xsam_steps = 0
+            self._xsam_alpha_sum = 0.0
+        super().log(logs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = self.xsam.state_dict() if self.xsam is not None else self._xsam_pending_state
+        if self.args.should_save and state is not None:
+            with open(os.path.join(output_dir, XSAM_STATE_NAME), "w") as f:
+                json.dump(state, f, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, XSAM_STATE_NAME) if checkpoint else None
+        if path is None or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            state = json.load(f)
+        if self.xsam is not None:
+            self.xsam.load_state_dict(state)
+        else:
+            self._xsam_pending_state = state
+
+
+class XSAMTrainer(XSAMTrainerMixin, Trainer):
+    """`transformers.Trainer` whose optimizer steps are XSAM steps (see :class:`XSAMTrainerMixin`)."""
+
+
+class XSAMSeq2SeqTrainer(XSAMTrainerMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` whose optimizer steps are XSAM steps (see :class:`XSAMTrainerMixin`)."""
+
+    default_args_class = XSAMSeq2SeqTrainingArguments
