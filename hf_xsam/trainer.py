@@ -31,6 +31,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from .arguments import XSAMArguments, XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .distributed import all_reduce_mean_
 from .engine import XSAM, XSAMStepStats
+from .model_card import XSAM_TAGS, add_xsam_section
 
 __all__ = ["XSAMTrainerMixin", "XSAMTrainer", "XSAMSeq2SeqTrainer", "XSAM_STATE_NAME"]
 
@@ -186,6 +187,18 @@ class XSAMTrainerMixin:
             self._xsam_steps = 0
             self._xsam_alpha_sum = 0.0
         super().log(logs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # model card
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's model card, plus the `xsam` tags and a section on the XSAM settings and results."""
+        tags = kwargs.pop("tags", None)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        kwargs["tags"] = tags + [tag for tag in XSAM_TAGS if tag not in tags]
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
