@@ -1,0 +1,62 @@
+"""A straightforward float64 implementation of XSAM.md on one flat parameter vector.
+
+It shares no code with hf_xsam: the tests hold the package to this independent reading of the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Loss = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gradient(loss: Loss, w: torch.Tensor) -> torch.Tensor:
+    w = w.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(w), w)
+    return g
+
+
+def slerp(v0: torch.Tensor, v1: torch.Tensor, theta: float, alpha: float) -> torch.Tensor:
+    if math.sin(theta) <= 1e-3:
+        return v1
+    return (math.sin((1 - alpha) * theta) * v0 + math.sin(alpha * theta) * v1) / math.sin(theta)
+
+
+def xsam_direction(
+    loss: Loss,
+    w0: torch.Tensor,
+    *,
+    rho: float,
+    k: int = 1,
+    alpha: float = 1.0,
+    search: bool = False,
+    rho_max: float | None = None,
+    alpha_max: float = 2.0,
+    alpha_step: float = 0.1,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, float, list[float]]:
+    """The XSAM update direction at ``w0``, the alpha used and the search losses (empty without search)."""
+    w0 = w0.double()
+    w = w0.clone()
+    for _ in range(k):
+        g = gradient(loss, w)
+        w = w + (rho / k) * g / (g.norm() + eps)
+    g_k = gradient(loss, w)
+    v0 = (w - w0) / (w - w0).norm()
+    v1 = g_k / g_k.norm()
+    theta = math.acos(max(-1.0, min(1.0, float(v0 @ v1))))
+    losses: list[float] = []
+    if search:
+        rho_max = 2 * rho if rho_max is None else rho_max
+        grid = [i * alpha_step for i in range(int(round(alpha_max / alpha_step)) + 1)]
+        with torch.no_grad():
+            losses = [float(loss(w0 + rho_max * slerp(v0, v1, theta, a))) for a in grid]
+        alpha = grid[losses.index(max(losses))]
+    return g_k.norm() * slerp(v0, v1, theta, alpha), alpha, losses
+
+
+def sgd_step(w: torch.Tensor, direction: torch.Tensor, lr: float) -> torch.Tensor:
+    return w - lr * direction

@@ -1,0 +1,272 @@
+"""The XSAM engine against the float64 reference of XSAM.md, special cases and edge cases."""
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
+from reference import gradient, sgd_step, xsam_direction
+
+from hf_xsam import XSAM
+from hf_xsam.geometry import global_dot, global_norm, slerp_coefficients
+
+
+def closures(model, batch):
+    def forward_backward():
+        loss = model(**batch)["loss"]
+        loss.backward()
+        return loss.detach()
+
+    def loss_only():
+        return model(**batch)["loss"]
+
+    return forward_backward, loss_only
+
+
+def engine_direction(model, batch, **settings):
+    """Weights before, the direction left in .grad, and weights after one engine step."""
+    model.zero_grad()
+    engine = XSAM(model.parameters(), modules=model.modules(), **settings)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.step(*closures(model, batch), step=0)
+    after = [p.detach().clone() for p in model.parameters()]
+    direction = torch.cat([p.grad.reshape(-1) for p in trainable(model)])
+    return before, direction, after, engine
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(rho=0.1, ascent_steps=1, alpha=1.0, search=False),  # SAM
+        dict(rho=0.1, ascent_steps=3, alpha=1.0, search=False),  # 3-step SAM
+        dict(rho=0.1, ascent_steps=1, alpha=0.0, search=False),  # v0 ("SGD+")
+        dict(rho=0.2, ascent_steps=2, alpha=1.6, search=False),  # fixed alpha past g_k
+        dict(rho=0.3, ascent_steps=1, search=True),  # searched alpha
+        dict(rho=0.3, ascent_steps=2, search=True, rho_max=0.5, alpha_max=1.5, alpha_step=0.25),
+    ],
+)
+def test_direction_matches_reference(settings):
+    model = TinyClassifier()
+    batch = make_data()
+    w0 = flat(model)
+    expected, expected_alpha, _ = xsam_direction(
+        flat_loss(model, batch),
+        w0,
+        rho=settings["rho"],
+        k=settings["ascent_steps"],
+        alpha=settings.get("alpha", 1.0),
+        search=settings["search"],
+        rho_max=settings.get("rho_max"),
+        alpha_max=settings.get("alpha_max", 2.0),
+        alpha_step=settings.get("alpha_step", 0.1),
+    )
+    before, direction, after, engine = engine_direction(model, batch, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "weights must be restored exactly"
+    torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
+    assert engine.alpha == pytest.approx(expected_alpha)
+
+
+def test_several_sgd_steps_with_searches_match_reference():
+    model = TinyClassifier()
+    data = make_data(n=12)
+    batches = [{k: v[i : i + 4] for k, v in data.items()} for i in (0, 4, 8)]
+    engine = XSAM(model.parameters(), rho=0.5, ascent_steps=2, alpha_search_interval=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    w, alpha = flat(model), 1.0
+    for step in range(6):
+        batch = batches[step % 3]
+        search = step % 2 == 0
+        d, alpha, _ = xsam_direction(flat_loss(model, batch), w, rho=0.5, k=2, alpha=alpha, search=search)
+        w = sgd_step(w, d, lr=0.5)
+        optimizer.zero_grad()
+        engine.step(*closures(model, batch), step=step)
+        optimizer.step()
+        assert engine.alpha == pytest.approx(alpha)
+        torch.testing.assert_close(flat(model), w, rtol=1e-9, atol=1e-12)
+
+
+def test_alpha_one_is_sam_by_hand():
+    model = TinyClassifier()
+    batch = make_data()
+    loss, w0, rho = flat_loss(model, batch), flat(model), 0.05
+    g0 = gradient(loss, w0)
+    g1 = gradient(loss, w0 + rho * g0 / g0.norm())
+    _, direction, _, _ = engine_direction(model, batch, rho=rho, alpha=1.0, search=False)
+    torch.testing.assert_close(direction, g1, rtol=1e-9, atol=1e-12)
+
+
+def test_parallel_v0_v1_falls_back_to_v1():
+    # for L = ||w||^2 / 2 every gradient is w itself: g_k is parallel to g0, theta = 0
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+
+    def forward_backward():
+        loss = 0.5 * (w**2).sum()
+        loss.backward()
+        return loss.detach()
+
+    engine = XSAM([w], rho=0.5, alpha=1.7, search=False)
+    stats = engine.step(forward_backward, step=0)
+    g1 = torch.tensor([3.0, 4.0], dtype=torch.float64) * (1 + 0.5 / 5.0)
+    torch.testing.assert_close(w.grad, g1)
+    assert float(stats.theta) < 1e-3
+    assert w.tolist() == [3.0, 4.0]
+
+
+def test_zero_gradients_give_zero_direction_and_no_nan():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def forward_backward():
+        loss = (w * 0).sum() + 1.0
+        loss.backward()
+        return loss.detach()
+
+    engine = XSAM([w], rho=0.1)
+    stats = engine.step(forward_backward, lambda: (w * 0).sum() + 1.0, step=0)
+    assert torch.equal(w.grad, torch.zeros(2))
+    assert w.tolist() == [1.0, -2.0]
+    assert not stats.nonfinite and math.isfinite(float(stats.theta))
+    assert math.isfinite(engine.alpha)
+
+
+def test_frozen_parameters_do_not_move_and_direction_matches_reference():
+    model = TinyClassifier()
+    model.fc1.requires_grad_(False)
+    batch = make_data()
+    frozen = model.fc1.weight.detach().clone()
+    expected, _, _ = xsam_direction(flat_loss(model, batch), flat(model), rho=0.1, alpha=0.5)
+    _, direction, _, _ = engine_direction(model, batch, rho=0.1, alpha=0.5, search=False)
+    torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
+    assert model.fc1.weight.grad is None and torch.equal(model.fc1.weight, frozen)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_statistics_are_those_of_one_pass(momentum):
+    model = TinyClassifier(batchnorm=True, bn_momentum=momentum)
+    batch = make_data()
+    one_pass = copy.deepcopy(model)
+    one_pass(**batch)
+    engine_direction(model, batch, rho=0.1, ascent_steps=2, search=True)
+    for name, buffer in one_pass.norm.named_buffers():
+        assert torch.equal(buffer, getattr(model.norm, name)), name
+
+
+def test_dropout_search_uses_one_mask_and_leaves_the_random_stream():
+    model = TinyClassifier(dropout=0.5)
+    batch = make_data()
+    # at a tiny search radius every grid point is w0: equal losses iff every alpha saw the same masks
+    torch.manual_seed(0)
+    engine = XSAM(model.parameters(), rho=0.1, rho_max=1e-9)
+    engine.step(*closures(model, batch), step=0)
+    after_search = torch.rand(1)
+    losses = engine.search_history[-1]["losses"]
+    assert max(losses) - min(losses) < 1e-6
+
+    torch.manual_seed(0)
+    model.zero_grad()
+    XSAM(model.parameters(), rho=0.1, rho_max=1e-9, alpha_search_interval=0).step(*closures(model, batch), step=0)
+    assert torch.equal(torch.rand(1), after_search), "the search must not consume training randomness"
+
+
+@pytest.mark.parametrize("failing_call", [2, 3])
+def test_exception_inside_a_later_pass_restores_the_weights(failing_call):
+    model = TinyClassifier()
+    batch = make_data()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = 0
+    forward_backward, loss_only = closures(model, batch)
+
+    def failing(fn):
+        def wrapped():
+            nonlocal calls
+            calls += 1
+            if calls == failing_call:
+                raise RuntimeError("boom")
+            return fn()
+
+        return wrapped
+
+    engine = XSAM(model.parameters(), rho=0.1)
+    with pytest.raises(RuntimeError, match="boom"):
+        # call 2 is the pass at the ascent point, call 3 the first loss of the alpha search
+        engine.step(failing(forward_backward), failing(loss_only), step=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_nonfinite_gradient_poisons_direction_and_restores_weights():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    def forward_backward():
+        loss = (w * torch.tensor([float("inf"), 1.0])).sum()
+        loss.backward()
+        return loss.detach()
+
+    engine = XSAM([w], rho=0.1, alpha=0.7)
+    stats = engine.step(forward_backward, lambda: w.sum(), step=0)
+    assert bool(stats.nonfinite)
+    assert not torch.isfinite(w.grad).all()
+    assert w.tolist() == [1.0, 2.0]
+    assert engine.alpha == 0.7, "a non-finite step must not move alpha"
+
+
+def test_accumulation_sums_per_micro_batch_directions():
+    model = TinyClassifier()
+    data = make_data(n=8)
+    halves = [{k: v[:4] for k, v in data.items()}, {k: v[4:] for k, v in data.items()}]
+    expected = sum(xsam_direction(flat_loss(model, h), flat(model), rho=0.1, alpha=1.3)[0] for h in halves)
+    engine = XSAM(model.parameters(), rho=0.1, alpha=1.3, search=False)
+    engine.step(*closures(model, halves[0]), accumulate=True)
+    engine.step(*closures(model, halves[1]), accumulate=False)
+    direction = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_search_schedule_and_state_round_trip():
+    w = torch.nn.Parameter(torch.ones(2))
+    per_epoch = XSAM([w], rho=0.1)
+    assert per_epoch.search_due(step=0, epoch=0)
+    per_epoch.last_search_step, per_epoch.last_search_epoch = 0, 0
+    assert not per_epoch.search_due(step=5, epoch=0) and per_epoch.search_due(step=6, epoch=1)
+    every_three = XSAM([w], rho=0.1, alpha_search_interval=3)
+    every_three.load_state_dict({"alpha": 0.4, "last_search_step": 2, "last_search_epoch": 0})
+    assert not every_three.search_due(step=4, epoch=9) and every_three.search_due(step=5, epoch=0)
+    assert every_three.state_dict()["alpha"] == 0.4
+    assert not XSAM([w], rho=0.1, alpha_search_interval=0).search_due(step=0, epoch=0)
+    assert not XSAM([w], rho=0.1, search=False).search_due(step=0, epoch=0)
+
+
+def test_geometry_against_flat_vectors():
+    xs = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    ys = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    fx, fy = torch.cat([x.reshape(-1) for x in xs]), torch.cat([y.reshape(-1) for y in ys])
+    torch.testing.assert_close(global_norm(xs), fx.norm())
+    torch.testing.assert_close(global_dot(xs, ys), fx @ fy)
+    theta = torch.tensor(0.8, dtype=torch.float64)
+    for alpha in (0.0, 0.5, 1.0, 1.7):
+        c0, c1 = slerp_coefficients(theta, alpha)
+        # u(alpha) is a unit vector at angle alpha * theta from v0
+        v0, v1 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.stack([torch.cos(theta), torch.sin(theta)])
+        u = c0 * v0 + c1 * v1
+        torch.testing.assert_close(u, torch.stack([torch.cos(alpha * theta), torch.sin(alpha * theta)]))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("rho", 0.0, "Invalid rho: 0.0"),
+        ("ascent_steps", 0, "Invalid ascent_steps: 0"),
+        ("alpha_step", -0.1, "Invalid alpha_step"),
+        ("rho_max", -1.0, "Invalid rho_max"),
+        ("alpha_search_interval", -2, "Invalid alpha_search_interval"),
+        ("eps", 0.0, "Invalid sam_eps"),
+        ("perturbation", "both", "Invalid sam_perturbation: 'both'; choose one of local, global"),
+    ],
+)
+def test_invalid_settings_are_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        XSAM([torch.nn.Parameter(torch.ones(1))], **{field: value})
+
+
+def test_no_trainable_parameter_is_refused():
+    with pytest.raises(ValueError, match="no parameter with requires_grad"):
+        XSAM([torch.ones(2)])
