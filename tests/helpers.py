@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import SequentialSampler
+from transformers import PretrainedConfig
 
 from hf_xsam import XSAMTrainer
 
@@ -19,6 +20,7 @@ class TinyClassifier(nn.Module):
     def __init__(self, n_in: int = 4, hidden: int = 6, n_out: int = 3, dropout: float = 0.0,
                  batchnorm: bool = False, bn_momentum: float | None = 0.1, dtype=torch.float64, seed: int = 0):
         super().__init__()
+        self.config = PretrainedConfig()  # the Trainer reads it for label smoothing
         torch.manual_seed(seed)
         self.fc1 = nn.Linear(n_in, hidden, dtype=dtype)
         self.norm = nn.BatchNorm1d(hidden, momentum=bn_momentum, dtype=dtype) if batchnorm else nn.Identity()
@@ -34,7 +36,8 @@ class TinyClassifier(nn.Module):
 
 def make_data(n: int = 16, n_in: int = 4, n_out: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, n_in, generator=generator, dtype=torch.float64)
+    # float32 values, so that the Trainer's collator (float32) and the float64 reference see the same data
+    x = torch.randn(n, n_in, generator=generator).double()
     labels = torch.randint(0, n_out, (n,), generator=generator)
     return {"x": x, "labels": labels}
 
@@ -51,7 +54,7 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in trainable(model)]).double()
 
 
-def flat_loss(model: nn.Module, batch: dict[str, torch.Tensor]):
+def flat_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0):
     """The model's loss on ``batch`` as a function of its trainable parameters flattened into one vector."""
     model = copy.deepcopy(model).double()
     names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -60,7 +63,8 @@ def flat_loss(model: nn.Module, batch: dict[str, torch.Tensor]):
     def loss(w: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(w, [s.numel() for s in shapes])
         params = {name: c.reshape(s) for name, c, s in zip(names, chunks, shapes)}
-        return torch.func.functional_call(model, params, (batch["x"],), {"labels": batch["labels"]})["loss"]
+        logits = torch.func.functional_call(model, params, (batch["x"],))["logits"]
+        return F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
 
     return loss
 
