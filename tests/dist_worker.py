@@ -1,0 +1,79 @@
+"""Runs under ``torchrun --nproc_per_node 2``: XSAMTrainer cases on real DDP (gloo), results saved per rank.
+
+Each case records the batches every rank saw, its final weights and alpha, so the test can rebuild the
+expected weights with the single-process float64 reference.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
+
+from hf_xsam import XSAMTrainingArguments
+
+N, LR = 16, 0.5
+
+CASES = {
+    "local": dict(rho=0.3, max_steps=6),
+    "global": dict(rho=0.3, max_steps=6, sam_perturbation="global"),
+    "local_accumulation": dict(rho=0.3, max_steps=3, gradient_accumulation_steps=2, alpha_search_interval=2),
+    "global_accumulation": dict(rho=0.3, max_steps=3, gradient_accumulation_steps=2, sam_perturbation="global"),
+}
+
+
+class RecordingTrainer(SequentialXSAMTrainer):
+    """Keeps every micro-batch it trains on."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({key: inputs[key].detach().clone() for key in ("x", "labels")})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def run(output_dir: Path, resume: str | None = None, **settings) -> RecordingTrainer:
+    defaults = dict(
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        ddp_backend="gloo",
+        logging_steps=1,
+        save_strategy="no",
+    )
+    args = XSAMTrainingArguments(output_dir=str(output_dir), **{**defaults, **settings})
+    trainer = RecordingTrainer(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=N)))
+    trainer.seen = []
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def main(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    results = {}
+    for name, settings in CASES.items():
+        trainer = run(out / name, **settings)
+        results[name] = {
+            "weights": flat(trainer.model),
+            "alpha": trainer.xsam.alpha,
+            "searches": [s["step"] for s in trainer.xsam.search_history],
+            "seen": trainer.seen,
+            "logged_alpha": [e["xsam/alpha"] for e in trainer.state.log_history if "xsam/alpha" in e],
+        }
+    checkpointed = dict(rho=0.3, max_steps=6, save_strategy="steps", save_steps=3, optim="adamw_torch")
+    straight = run(out / "straight", **checkpointed)
+    resumed = run(out / "resumed", resume=str(out / "straight" / "checkpoint-3"), **checkpointed)
+    results["resume"] = {
+        "straight": flat(straight.model),
+        "resumed": flat(resumed.model),
+        "alphas": (straight.xsam.alpha, resumed.xsam.alpha),
+    }
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

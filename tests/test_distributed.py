@@ -1,0 +1,95 @@
+"""Two real DDP workers (torchrun, gloo) against the single-process float64 reference."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TinyClassifier, flat, flat_loss
+from reference import xsam_direction
+
+TESTS = Path(__file__).parent
+LR, WORLD = 0.5, 2
+# (mode, gradient accumulation, optimizer steps, steps that search alpha): 16 examples, 2 per worker
+# and micro-batch, so an epoch is 4 steps without accumulation and 2 with it
+EXPECTED = {
+    "local": ("local", 1, 6, {0, 4}),
+    "global": ("global", 1, 6, {0, 4}),
+    "local_accumulation": ("local", 2, 3, {0, 2}),
+    "global_accumulation": ("global", 2, 3, {0, 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               str(TESTS / "dist_worker.py"), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def cat(batches):
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def as_float64(batch):
+    return {"x": batch["x"].double(), "labels": batch["labels"]}
+
+
+def scaled(loss, factor):
+    return lambda w: factor * loss(w)
+
+
+def expected_weights(seen, mode, accumulation, steps, search_steps, rho=0.3):
+    model = TinyClassifier()
+    w, alpha = flat(model), 1.0
+    for step in range(steps):
+        micro = [[as_float64(seen[r][step * accumulation + m]) for m in range(accumulation)] for r in range(WORLD)]
+        search = step in search_steps
+        if mode == "global":  # one device on the global batch: each micro-batch concatenated over workers
+            direction = 0
+            for m in range(accumulation):
+                loss = scaled(flat_loss(model, cat([micro[r][m] for r in range(WORLD)])), 1 / accumulation)
+                d, alpha, _ = xsam_direction(loss, w, rho=rho, alpha=alpha, search=search and m == 0)
+                direction = direction + d
+        else:  # each worker its own direction; search losses averaged over workers, then the directions
+            if search:
+                losses = torch.tensor([xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True)[2]
+                                       for r in range(WORLD)]).mean(0)
+                alpha = round(0.1 * int(torch.argmax(losses)), 10)
+            direction = sum(
+                xsam_direction(scaled(flat_loss(model, micro[r][m]), 1 / accumulation), w, rho=rho, alpha=alpha)[0]
+                for r in range(WORLD)
+                for m in range(accumulation)
+            ) / WORLD
+        w = w - LR * direction
+    return w, alpha
+
+
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_ddp_matches_single_process_reference(ranks, case):
+    mode, accumulation, steps, search_steps = EXPECTED[case]
+    seen = [ranks[r][case]["seen"] for r in range(WORLD)]
+    assert not torch.equal(seen[0][0]["x"], seen[1][0]["x"]), "workers must see different data"
+    expected, alpha = expected_weights(seen, mode, accumulation, steps, search_steps)
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r][case]["weights"], expected, rtol=1e-9, atol=1e-10)
+        assert ranks[r][case]["alpha"] == pytest.approx(alpha)
+        assert set(ranks[r][case]["searches"]) == search_steps
+
+
+def test_workers_end_identical(ranks):
+    for case in EXPECTED:
+        assert torch.equal(ranks[0][case]["weights"], ranks[1][case]["weights"]), case
+        assert ranks[0][case]["logged_alpha"] == ranks[1][case]["logged_alpha"], case
+
+
+def test_resume_from_multi_worker_checkpoint(ranks):
+    for r in range(WORLD):
+        assert torch.equal(ranks[r]["resume"]["straight"], ranks[r]["resume"]["resumed"])
+        assert ranks[r]["resume"]["alphas"][0] == ranks[r]["resume"]["alphas"][1]
