@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
-from reference import xsam_direction
+from reference import gradient, xsam_direction
 from transformers import Trainer, TrainingArguments
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
@@ -35,8 +35,11 @@ def xsam_args(tmp_path, **overrides):
 
 
 def reference_run(model, data, *, rho, k=1, alpha=1.0, search_every_epoch=False, loss_scale=1.0,
-                  label_smoothing=0.0, momentum=0.0, clip=0.0):
-    """Float64 XSAM over the batches in order, epochs of N / BATCH steps, SGD (optionally with momentum)."""
+                  label_smoothing=0.0, momentum=0.0, clip=0.0, sam_interval=1):
+    """Float64 XSAM over the batches in order, epochs of N / BATCH steps, SGD (optionally with momentum).
+
+    Steps that are not multiples of ``sam_interval`` use the plain gradient.
+    """
     w, buffer, alphas = flat(model), None, []
     for step in range(STEPS):
         start = (step * BATCH) % N
@@ -44,7 +47,10 @@ def reference_run(model, data, *, rho, k=1, alpha=1.0, search_every_epoch=False,
         base = flat_loss(model, batch, label_smoothing)
         loss = (lambda f: lambda v: loss_scale * f(v))(base)
         search = search_every_epoch and start == 0
-        d, alpha, _ = xsam_direction(loss, w, rho=rho, k=k, alpha=alpha, search=search)
+        if step % sam_interval:
+            d = gradient(loss, w)
+        else:
+            d, alpha, _ = xsam_direction(loss, w, rho=rho, k=k, alpha=alpha, search=search)
         if clip:
             d = d * min(1.0, clip / (float(d.norm()) + 1e-6))
         buffer = d if buffer is None else momentum * buffer + d
@@ -61,6 +67,8 @@ CASES = {
     "search_k1": (dict(rho=0.3), dict(rho=0.3, search_every_epoch=True)),
     "search_k2": (dict(rho=0.3, ascent_steps=2), dict(rho=0.3, k=2, search_every_epoch=True)),
     "clipping": (dict(rho=0.2, max_grad_norm=0.05), dict(rho=0.2, search_every_epoch=True, clip=0.05)),
+    "sam_interval": (dict(rho=0.2, sam_interval=2, alpha=1.2, alpha_search_interval=0),
+                     dict(rho=0.2, sam_interval=2, alpha=1.2)),
     "label_smoothing": (
         dict(rho=0.2, label_smoothing_factor=0.1),
         dict(rho=0.2, search_every_epoch=True, label_smoothing=0.1),
