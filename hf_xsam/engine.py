@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from .geometry import angle, global_dot, global_norm, slerp_coefficients
 from .guards import RunningStatsGuard, replayed_random_state
@@ -45,6 +48,10 @@ SAM_METHODS = ("xsam", "sam", "none")
 PERTURBATIONS = ("local", "global")
 
 GradientReducer = Callable[[list[Tensor]], None]
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def validate_settings(
@@ -159,6 +166,9 @@ class XSAM:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("XSAM got no parameter with requires_grad=True: there is nothing to train")
+        # FSDP2 shards parameters as DTensors: the engine works on local shards and sums norms and dot
+        # products over the shards with one all-reduce each
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
         self.rho = rho
         self.ascent_steps = ascent_steps
         self.rho_max = 2 * rho if rho_max is None else rho_max
@@ -166,7 +176,11 @@ class XSAM:
         self.alpha_grid = [round(i * alpha_step, 10) for i in range(int(math.floor(alpha_max / alpha_step + 1e-9)) + 1)]
         self.alpha_search_interval = alpha_search_interval if search else 0
         self.eps = eps
+        modules = list(modules)
         self.running_stats = RunningStatsGuard(modules)
+        # FSDP2 keeps the root's gathered weights after a forward without backward: drop them after every
+        # search evaluation, or the next forward would reuse weights of the previous point
+        self.fsdp_modules = [m for m in modules if isinstance(m, FSDPModule)]
         self.reduce_gradients = reduce_gradients
         self.reduce_losses = reduce_losses
         self.perturbation = perturbation
@@ -208,15 +222,30 @@ class XSAM:
     # ----------------------------------------------------------------------------------------------
     # the step
 
-    def _active(self) -> tuple[list[Tensor], list[Tensor]]:
-        params = [p for p in self.params if p.grad is not None]
-        return params, [p.grad for p in params]
+    def _active(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The parameters with a gradient, and their (local shards of) weights and gradients."""
+        owners = [p for p in self.params if p.grad is not None]
+        return owners, [_local(p) for p in owners], [_local(p.grad) for p in owners]
 
-    def _buffers(self, store: dict[Tensor, Tensor], params: list[Tensor]) -> list[Tensor]:
-        for p in params:
+    @staticmethod
+    def _buffers(store: dict[Tensor, Tensor], owners: list[Tensor]) -> list[Tensor]:
+        for p in owners:
             if p not in store:
-                store[p] = torch.zeros_like(p)
-        return [store[p] for p in params]
+                store[p] = torch.zeros_like(_local(p))
+        return [store[p] for p in owners]
+
+    def _norm(self, tensors: list[Tensor]) -> Tensor:
+        if not self.sharded:
+            return global_norm(tensors)
+        square = global_norm(tensors).square()
+        dist.all_reduce(square)
+        return square.sqrt()
+
+    def _dot(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+        dot = global_dot(xs, ys)
+        if self.sharded:
+            dist.all_reduce(dot)
+        return dot
 
     def _reduce_if_global(self, grads: list[Tensor]) -> None:
         if self.perturbation == "global" and self.reduce_gradients is not None:
@@ -251,30 +280,30 @@ class XSAM:
         """
         with torch.enable_grad():
             loss = forward_backward()
-        params, grads = self._active()
+        owners, params, grads = self._active()
         self._reduce_if_global(grads)
-        saved = self._buffers(self._saved, params)
+        saved = self._buffers(self._saved, owners)
         torch._foreach_copy_(saved, params)
         nonfinite = torch.zeros((), dtype=torch.bool, device=loss.device)
         try:
             with self.running_stats:
                 for i in range(self.ascent_steps):
                     if i > 0:
-                        self._fresh_gradient(forward_backward, grads)
-                    norm = global_norm(grads)
+                        grads = self._fresh_gradient(forward_backward, owners, grads)[1]
+                    norm = self._norm(grads)
                     finite = torch.isfinite(norm)
                     nonfinite |= ~finite
                     scale = torch.where(finite, (self.rho / self.ascent_steps) / (norm + self.eps), 0.0)
                     # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass refills it)
                     torch._foreach_mul_(grads, scale)
                     torch._foreach_add_(params, grads)
-                ascent_loss = self._fresh_gradient(forward_backward, grads)
-                grad_norm = global_norm(grads)
+                ascent_loss, grads = self._fresh_gradient(forward_backward, owners, grads)
+                grad_norm = self._norm(grads)
                 nonfinite |= ~torch.isfinite(grad_norm)
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
-                displacement_norm = global_norm(params)
-                theta = angle(global_dot(params, grads), displacement_norm, grad_norm, self.eps)
+                displacement_norm = self._norm(params)
+                theta = angle(self._dot(params, grads), displacement_norm, grad_norm, self.eps)
                 if loss_only is not None and self.search_due(step, epoch):
                     self._search_alpha(loss_only, params, saved, grads, theta, displacement_norm, grad_norm, nonfinite)
                     self.last_search_step, self.last_search_epoch = step, epoch
@@ -289,23 +318,30 @@ class XSAM:
         finally:
             # back to w0 exactly, whatever happened above
             torch._foreach_copy_(params, saved)
-        self._accumulate(params, grads, accumulate)
+        self._accumulate(owners, grads, accumulate)
         return XSAMStepStats(loss=loss, ascent_loss=ascent_loss, theta=theta, nonfinite=nonfinite)
 
-    def _fresh_gradient(self, forward_backward: Callable[[], Tensor], grads: list[Tensor]) -> Tensor:
+    def _fresh_gradient(
+        self, forward_backward: Callable[[], Tensor], owners: list[Tensor], grads: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Zero the gradients, run a pass, and return its loss and the new gradients.
+
+        The gradients are fetched again: FSDP2 may hand back new gradient tensors after a backward.
+        """
         torch._foreach_zero_(grads)
         with torch.enable_grad():
             loss = forward_backward()
+        grads = [_local(p.grad) for p in owners]
         self._reduce_if_global(grads)
-        return loss
+        return loss, grads
 
-    def _accumulate(self, params: list[Tensor], grads: list[Tensor], accumulate: bool) -> None:
+    def _accumulate(self, owners: list[Tensor], grads: list[Tensor], accumulate: bool) -> None:
         if accumulate:
-            torch._foreach_add_(self._buffers(self._accumulated, params), grads)
+            torch._foreach_add_(self._buffers(self._accumulated, owners), grads)
             torch._foreach_zero_(grads)
             return
         if self._accumulated:
-            accumulated = self._buffers(self._accumulated, params)
+            accumulated = self._buffers(self._accumulated, owners)
             torch._foreach_add_(grads, accumulated)
             torch._foreach_zero_(accumulated)
         if self.perturbation == "local" and self.reduce_gradients is not None:
@@ -338,6 +374,8 @@ class XSAM:
                 torch._foreach_add_(params, displacement, alpha=a)
                 torch._foreach_add_(params, grads, alpha=b)
                 losses.append(replay(loss_only).detach().float().reshape(()))
+                for module in self.fsdp_modules:
+                    module.reshard()
         torch._foreach_copy_(params, displacement)
         losses_tensor = torch.stack(losses)
         if self.reduce_losses is not None:

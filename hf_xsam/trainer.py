@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,12 +82,33 @@ class XSAMTrainerMixin:
                 "rewrite. Use FSDP (`--fsdp full_shard`) or plain data parallel (`accelerate launch` / `torchrun`) "
                 "instead."
             )
+        if self.is_fsdp_enabled:
+            self._check_fsdp_supported()
         model_computes_loss = bool(self.label_names) or self.can_return_loss
         custom_loss = self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
         if not (model_computes_loss or custom_loss):
             raise ValueError(
                 f"XSAM needs a loss to differentiate, but {type(self.model).__name__}.forward takes no labels "
                 "argument: pass `label_names`, `compute_loss_func`, or override `compute_loss`."
+            )
+
+    def _check_fsdp_supported(self) -> None:
+        plugin = self.accelerator.state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "XSAM supports FSDP2 only (its gradients are sharded DTensors the engine can reduce over): set "
+                "`fsdp_config={'fsdp_version': 2}`, or use plain data parallel."
+            )
+        if self.args.sam_perturbation != "global":
+            raise ValueError(
+                "sam_perturbation='local' is not supported with FSDP: FSDP reduce-scatters every gradient, so no "
+                "worker holds its own full gradient to ascend with. Use `--sam_perturbation global`."
+            )
+        sync_each_batch = self.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+        if self.args.gradient_accumulation_steps > 1 and not sync_each_batch:
+            raise ValueError(
+                "XSAM with FSDP and gradient_accumulation_steps > 1 needs every micro-batch's gradient reduced: set "
+                "`accelerator_config={'gradient_accumulation_kwargs': {'sync_each_batch': True}}`."
             )
 
     # ----------------------------------------------------------------------------------------------
@@ -96,6 +118,8 @@ class XSAMTrainerMixin:
         if self.xsam is None:
             args = self.args
             distributed = self.accelerator.num_processes > 1
+            # FSDP averages (reduce-scatters) every gradient itself; the engine only sums over shards
+            reduce_gradients = all_reduce_mean_ if distributed and not self.is_fsdp_enabled else None
             self.xsam = XSAM(
                 model.parameters(),
                 rho=args.rho,
@@ -108,7 +132,7 @@ class XSAMTrainerMixin:
                 search=args.sam_method == "xsam",
                 eps=args.sam_eps,
                 modules=model.modules(),
-                reduce_gradients=all_reduce_mean_ if distributed else None,
+                reduce_gradients=reduce_gradients,
                 reduce_losses=(lambda losses: all_reduce_mean_([losses])) if distributed else None,
                 perturbation=args.sam_perturbation,
             )
@@ -139,8 +163,10 @@ class XSAMTrainerMixin:
             with self.compute_loss_context_manager():
                 return self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
 
-        # Every pass runs without DDP's own gradient all-reduce: the engine reduces what it needs itself.
-        with self.accelerator.no_sync(model):
+        # Under DDP every pass runs without DDP's own all-reduce: the engine reduces what it needs itself.
+        # FSDP keeps its reduce-scatter on every backward (the "global" perturbation).
+        sync_context = contextlib.nullcontext() if self.is_fsdp_enabled else self.accelerator.no_sync(model)
+        with sync_context:
             stats = engine.step(
                 forward_backward,
                 loss_only,

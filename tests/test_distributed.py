@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyClassifier, flat, flat_loss
+from helpers import TinyClassifier, flat, flat_loss, make_data
 from reference import xsam_direction
 
 TESTS = Path(__file__).parent
@@ -93,3 +93,27 @@ def test_resume_from_multi_worker_checkpoint(ranks):
     for r in range(WORLD):
         assert torch.equal(ranks[r]["resume"]["straight"], ranks[r]["resume"]["resumed"])
         assert ranks[r]["resume"]["alphas"][0] == ranks[r]["resume"]["alphas"][1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               str(TESTS / "fsdp_worker.py"), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"fsdp_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_fsdp2_sharded_engine_equals_one_device_on_the_global_batch(fsdp_ranks):
+    from fsdp_worker import BATCH, STEPS
+
+    data = make_data(n=STEPS * BATCH * WORLD)
+    seen = [[{k: v[(s * WORLD + r) * BATCH : (s * WORLD + r + 1) * BATCH] for k, v in data.items()}
+             for s in range(STEPS)] for r in range(WORLD)]
+    expected, alpha = expected_weights(seen, "global", 1, STEPS, {0, 2})
+    for result in fsdp_ranks:
+        assert result["sharded"] and 0 < result["local_numel"] < expected.numel()
+        torch.testing.assert_close(result["weights"].detach(), expected, rtol=1e-9, atol=1e-10)
+        assert result["alpha"] == pytest.approx(alpha)
