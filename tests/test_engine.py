@@ -270,3 +270,21 @@ def test_invalid_settings_are_refused(field, value, match):
 def test_no_trainable_parameter_is_refused():
     with pytest.raises(ValueError, match="no parameter with requires_grad"):
         XSAM([torch.ones(2)])
+
+
+def test_step_without_search_reads_nothing_back(monkeypatch):
+    """The hot path never turns a tensor into a Python value (a host-device sync on accelerators)."""
+    model = TinyClassifier(dtype=torch.float32, batchnorm=True)
+    batch = make_data()
+    engine = XSAM(model.parameters(), rho=0.1, ascent_steps=2, alpha_search_interval=0, modules=model.modules())
+    forward_backward, loss_only = closures(model, batch)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync in the XSAM step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    engine.step(forward_backward, loss_only, step=0, accumulate=True)
+    engine.step(forward_backward, loss_only, step=0)
+    monkeypatch.undo()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
