@@ -1,0 +1,94 @@
+"""The XSAM section of model cards: built from plain values, added by the trainer, and the Jinja template."""
+
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from hf_xsam.model_card import SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
+
+TEMPLATE = Path(__file__).parent.parent / "model_cards" / "template.md"
+
+LOGS = [
+    {"step": 2, "epoch": 0.5, "loss": 2.0, "xsam/alpha": 1.0, "xsam/theta": 20.0, "xsam/sharpness": 0.3},
+    {"step": 4, "epoch": 1.0, "eval_loss": 1.9},
+    {"step": 8, "epoch": 2.0, "loss": 1.0, "xsam/alpha": 1.6, "xsam/theta": 30.0, "xsam/sharpness": 0.1},
+]
+STATE = {"alpha": 1.6, "search_history": [{"alpha": 1.0, "step": 0}, {"alpha": 1.6, "step": 4}]}
+
+
+def tiny_trainer(tmp_path, **overrides):
+    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, num_labels=2)
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6, 7, 8]] * 4, "labels": [0, 1] * 4})
+    settings = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                    report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no", rho=0.07,
+                    alpha_search_interval=2)
+    settings.update(overrides)
+    trainer = XSAMTrainer(model=BertForSequenceClassification(config), args=XSAMTrainingArguments(**settings),
+                          train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+def test_section_reports_settings_alpha_sharpness_and_citation():
+    text = xsam_section({"sam_method": "xsam", "rho": 0.05, "rho_max": None, "alpha_search_interval": None},
+                        LOGS, STATE)
+    assert "| rho | 0.05 |" in text
+    assert "| rho_max | 0.1 (2 * rho) |" in text
+    assert "| alpha_search_interval | first step of every epoch |" in text
+    # mean alpha weights each log by the steps it covers: (2 * 1.0 + 6 * 1.6) / 8
+    assert "Final alpha: 1.6; mean alpha over training: 1.45; 2 alpha searches." in text
+    assert "0: 1, 4: 1.6" in text
+    assert "0.3 at the first log, 0.1 at the last, 0.2 on average" in text
+    assert "| 8 | 2 | 1 | 0.1 | 1.6 | 30 |" in text
+    assert XSAM_CITATION in text and "arxiv.org/abs/2603.10048" in text
+    assert "not \"X-SAM\"" in text
+
+
+def test_section_keeps_at_most_ten_rows_including_the_last():
+    logs = [{"step": s, "loss": 1.0, "xsam/alpha": 1.0, "xsam/sharpness": s / 100} for s in range(1, 101)]
+    text = xsam_section({"sam_method": "xsam"}, logs)
+    rows = text.split("| step |", 1)[1].splitlines()[2:12]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {s}" for s in (1, 12, 23, 34, 45, 56, 67, 78, 89, 100)]
+
+
+def test_baseline_section_says_no_sharpness_aware_step():
+    text = xsam_section({"sam_method": "none", "rho": 0.05})
+    assert "the base optimizer alone" in text
+    assert "What XSAM did" not in text
+
+
+def test_trainer_card_has_xsam_metadata_and_section(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    trainer.create_model_card(model_name="tiny")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "transformers"
+    assert set(XSAM_TAGS) <= set(card.data.tags)
+    assert "| rho | 0.07 |" in card.text and "| alpha_search_interval | 2 |" in card.text
+    assert f"Final alpha: {trainer.xsam.alpha:.4g}" in card.text
+    assert "2 alpha searches" in card.text
+
+    add_xsam_section(str(tmp_path / "README.md"), trainer)  # again: the section is replaced, not repeated
+    trainer.create_model_card(model_name="tiny")
+    assert ModelCard.load(tmp_path / "README.md").text.count(SECTION_START) == 1
+
+
+def test_trainer_card_of_the_baseline(tmp_path):
+    trainer = tiny_trainer(tmp_path, sam_method="none")
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "| sam_method | none |" in card.text and set(XSAM_TAGS) <= set(card.data.tags)
+
+
+@pytest.mark.parametrize("method", ["sam", "xsam"])
+def test_template_renders_a_card_with_the_section(method):
+    data = ModelCardData(library_name="transformers", tags=XSAM_TAGS, license="apache-2.0")
+    card = ModelCard.from_template(data, template_path=str(TEMPLATE), model_name="my-model",
+                                   model_summary="A model.", xsam_section=xsam_section({"sam_method": method}, LOGS, STATE))
+    parsed = ModelCard(str(card))
+    assert parsed.data.tags == XSAM_TAGS and parsed.data.library_name == "transformers"
+    assert "# my-model" in parsed.text and f"| sam_method | {method} |" in parsed.text
