@@ -20,7 +20,15 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-__all__ = ["parse_arguments", "setup_logging", "detect_last_checkpoint", "build_trainer", "record_metrics", "finish"]
+__all__ = [
+    "parse_arguments",
+    "setup_logging",
+    "detect_last_checkpoint",
+    "build_trainer",
+    "save_model",
+    "record_metrics",
+    "finish",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +113,27 @@ def build_trainer(trainer_class: type[Trainer], **kwargs: Any) -> Trainer:
     try:
         return trainer_class(**kwargs)
     except Exception as err:
-        if not any(frame.name == "init_hf_repo" for frame in traceback.extract_tb(err.__traceback__)):
+        if not _raised_in(err, "init_hf_repo"):
             raise
         raise RuntimeError(
             f"--push_to_hub: creating the Hub repository failed ({type(err).__name__}: {err}); nothing has been "
             "trained yet. Log in (`hf auth login`) and check the connection, or run without --push_to_hub and "
             "upload --output_dir later with `hf upload`."
         ) from err
+
+
+def save_model(trainer: Trainer) -> None:
+    """``trainer.save_model()``. With ``--push_to_hub`` it also uploads; a failed upload only warns, since
+    :func:`finish` uploads again once the metrics and the model card are written."""
+    try:
+        trainer.save_model()
+    except Exception as err:
+        if not _raised_in(err, "push_to_hub"):
+            raise
+        logger.warning(
+            f"Uploading to the Hub failed ({type(err).__name__}: {err}); the model is saved in "
+            f"{os.path.abspath(trainer.args.output_dir)}. The upload is tried again at the end."
+        )
 
 
 def record_metrics(trainer: Trainer, split: str, metrics: dict[str, float], num_samples: int) -> None:
@@ -140,3 +162,7 @@ def finish(trainer: Trainer, **card_kwargs: Any) -> None:
             f"`hf upload {trainer.hub_model_id or Path(args.output_dir).name} {args.output_dir}` once online and "
             "logged in (`hf auth login`)."
         ) from err
+
+
+def _raised_in(err: BaseException, function_name: str) -> bool:
+    return any(frame.name == function_name for frame in traceback.extract_tb(err.__traceback__))

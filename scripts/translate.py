@@ -50,12 +50,22 @@ from transformers import (
 
 from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments
 
-from _common import build_trainer, detect_last_checkpoint, finish, parse_arguments, record_metrics, setup_logging
+from _common import (
+    build_trainer,
+    detect_last_checkpoint,
+    finish,
+    parse_arguments,
+    record_metrics,
+    save_model,
+    setup_logging,
+)
 
 logger = logging.getLogger(__name__)
 
 SCRATCH_MODELS = {"marian": (MarianConfig, MarianMTModel), "t5": (T5Config, T5ForConditionalGeneration)}
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: T5's convention, also used for Marian
+# without any of these options the script runs on its embedded corpus and model, with EMBEDDED_DEFAULTS
+DATA_AND_MODEL_OPTIONS = {"model_name_or_path", "dataset_name", "train_file", "validation_file", "test_file"}
 EMBEDDED_DATASET = "num2words English-French numbers (generated)"
 EMBEDDED_DEFAULTS = {
     "output_dir": "xsam-marian-numbers-en-fr",
@@ -280,8 +290,7 @@ def set_language_codes(
 def main() -> None:
     # 1. Parse
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSeq2SeqTrainingArguments))
-    data_and_model = {"model_name_or_path", "dataset_name", "train_file", "validation_file", "test_file"}
-    model_args, data_args, training_args = parse_arguments(parser, data_and_model, EMBEDDED_DEFAULTS)
+    model_args, data_args, training_args = parse_arguments(parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS)
     if data_args.embedded:
         data_args.source_lang = data_args.source_lang or "en"
         data_args.target_lang = data_args.target_lang or "fr"
@@ -444,7 +453,7 @@ def main() -> None:
     }
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        trainer.save_model()  # also saves the tokenizer
+        save_model(trainer)  # also saves the tokenizer
         record_metrics(trainer, "train", train_result.metrics, len(tokenized["train"]))
         trainer.save_state()
     if training_args.do_eval:

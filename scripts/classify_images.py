@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Train or fine-tune an image classifier (ViT) with XSAM: the ``run_image_classification.py`` of hf_xsam.
+
+Fine-tune a checkpoint (``--model_name_or_path``, with ``--ignore_mismatched_sizes`` for a new label set) or
+train a ViT built from a config (no ``--model_name_or_path``; sizes as flags), on a Hub dataset, image folders
+(``--train_dir``/``--validation_dir``) or local parquet/JSON files in the Hub's layout. Images go through the
+model's image processor; training images are first randomly cropped and flipped with Pillow (no torchvision).
+Accuracy is reported.
+
+With no data or model flags it runs offline: scikit-learn's bundled 8x8 digits images, a small ViT built from
+a ViTConfig, trained with XSAM, accuracy on 300 held-out digits.
+
+Examples:
+    python scripts/classify_images.py
+    accelerate launch scripts/classify_images.py --model_name_or_path google/vit-base-patch16-224-in21k \\
+        --dataset_name beans --do_train --do_eval --output_dir vit-beans-xsam --learning_rate 2e-5 \\
+        --num_train_epochs 5 --per_device_train_batch_size 32 --rho 0.05
+    python scripts/classify_images.py --sam_method none  # the AdamW baseline of the embedded run
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from PIL import Image as PILImage
+from PIL import ImageOps
+from transformers import (
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+    set_seed,
+)
+
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+
+from _common import (
+    build_trainer,
+    detect_last_checkpoint,
+    finish,
+    parse_arguments,
+    record_metrics,
+    save_model,
+    setup_logging,
+)
+
+logger = logging.getLogger(__name__)
+
+# without any of these options the script runs on its embedded data and model, with EMBEDDED_DEFAULTS
+DATA_AND_MODEL_OPTIONS = {"model_name_or_path", "dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
+EMBEDDED_DATASET = "scikit-learn digits (8x8)"
+EMBEDDED_DEFAULTS = {
+    "output_dir": "xsam-vit-digits",
+    "do_train": True,
+    "do_eval": True,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.05,
+    "num_train_epochs": 30,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "logging_steps": 50,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "rho": 0.05,
+    "min_crop_scale": 0.7,
+    "horizontal_flip": False,
+}
+
+
+@dataclass
+class ModelArguments:
+    """What to fine-tune, or which ViT to build from a config."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint to fine-tune (Hub id or local folder). Leave empty to train a ViT from scratch."},
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor (Hub id or folder) if not the one of --model_name_or_path."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Load a checkpoint whose classifier has another number of labels (the head is re-initialised)."},
+    )
+    image_size: int = field(default=32, metadata={"help": "From scratch: input resolution of the ViT."})
+    patch_size: int = field(default=4, metadata={"help": "From scratch: patch size."})
+    hidden_size: int = field(default=64, metadata={"help": "From scratch: hidden size."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "From scratch: transformer layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "From scratch: attention heads."})
+    intermediate_size: int = field(default=128, metadata={"help": "From scratch: feed-forward size."})
+    dropout: float = field(default=0.1, metadata={"help": "From scratch: dropout probability."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """What images to train and evaluate on, and how to augment them."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset on the Hub (datasets library)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Training images, one folder per class (imagefolder)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Validation images, one folder per class."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: parquet or JSON lines (Hub layout)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data: parquet or JSON lines."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images (or their paths)."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of the training data held out when there is no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    min_crop_scale: float = field(
+        default=0.08,
+        metadata={"help": "Random resized crop of training images: smallest area kept, as a fraction (1 turns it off)."},
+    )
+    horizontal_flip: bool = field(default=True, metadata={"help": "Flip training images left-right at random."})
+
+    def __post_init__(self) -> None:
+        sources = [self.dataset_name, self.train_dir or self.validation_dir, self.train_file or self.validation_file]
+        if sum(source is not None for source in sources) > 1:
+            raise ValueError("Give one data source: --dataset_name, --train_dir/--validation_dir or --train_file/--validation_file")
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path is not None and path.rsplit(".", 1)[-1] not in ("parquet", "json", "jsonl"):
+                raise ValueError(f"--{name} must be a parquet or JSON lines file, got {path!r}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"Invalid min_crop_scale: {self.min_crop_scale}; it must be in (0, 1]")
+
+    @property
+    def embedded(self) -> bool:
+        return not (self.dataset_name or self.train_dir or self.validation_dir or self.train_file or self.validation_file)
+
+
+def digits_dataset(num_eval: int = 300, seed: int = 0) -> DatasetDict:
+    """scikit-learn's 1797 bundled 8x8 digits as grayscale images, with a stratified held-out split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [PILImage.fromarray((image * 255 / 16).round().astype(np.uint8), mode="L") for image in digits.images]
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    data = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    split = data.train_test_split(test_size=num_eval, seed=seed, stratify_by_column="label")
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
+    """The raw splits, from the embedded digits, the Hub, image folders or files."""
+    if data_args.embedded:
+        return digits_dataset(seed=seed)
+    if data_args.dataset_name is not None:
+        return load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+    if data_args.train_dir or data_args.validation_dir:
+        folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
+        files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder}
+        return load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
+    files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    files = {split: path for split, path in files.items() if path}
+    extension = next(iter(files.values())).rsplit(".", 1)[-1]
+    return load_dataset("parquet" if extension == "parquet" else "json", data_files=files, cache_dir=model_args.cache_dir)
+
+
+def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> DatasetDict:
+    """Check the image and label columns; image paths become images and raw labels become class labels."""
+    some_split = next(iter(dataset.values()))
+    columns = some_split.column_names
+    for flag, column in (("image_column_name", data_args.image_column_name), ("label_column_name", data_args.label_column_name)):
+        if column not in columns:
+            raise ValueError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
+    image_column = data_args.image_column_name
+    feature = some_split.features[image_column]
+    if not isinstance(feature, Image):
+        first = some_split[0][image_column]
+        if not (getattr(feature, "dtype", None) == "string" or isinstance(first, dict) and "bytes" in first):
+            raise ValueError(
+                f"--image_column_name {image_column!r} holds {feature}, not images (first value: {first!r:.80}); "
+                f"found columns: {', '.join(columns)}"
+            )
+        dataset = dataset.cast_column(image_column, Image())
+        try:
+            dataset[next(iter(dataset))][0][image_column]
+        except Exception as err:
+            raise ValueError(
+                f"--image_column_name {image_column!r} holds {first!r:.80}, which is not an image ({err})"
+            ) from err
+    if not isinstance(some_split.features[data_args.label_column_name], ClassLabel):
+        dataset = dataset.class_encode_column(data_args.label_column_name)
+    return dataset
+
+
+def random_resized_crop(image: PILImage.Image, min_scale: float) -> PILImage.Image:
+    """A random crop of ``min_scale`` to all of the area, aspect ratio 3/4 to 4/3, resized back to the image size."""
+    width, height = image.size
+    area = width * height * random.uniform(min_scale, 1.0)
+    ratio = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
+    crop_w = min(width, np.sqrt(area * ratio))
+    crop_h = min(height, np.sqrt(area / ratio))
+    left, top = random.uniform(0, width - crop_w), random.uniform(0, height - crop_h)
+    return image.resize(image.size, PILImage.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+
+
+def main() -> None:
+    # 1. Parse
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMTrainingArguments))
+    model_args, data_args, training_args = parse_arguments(parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS)
+
+    # 2. Logging
+    setup_logging(training_args, logger)
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    # 3. Last checkpoint
+    last_checkpoint = detect_last_checkpoint(training_args)
+
+    # 4. Seed
+    set_seed(training_args.seed)
+
+    # 5. Data
+    dataset = check_columns(load_data(data_args, model_args, training_args.seed), data_args)
+    if "validation" not in dataset and "train" in dataset and data_args.train_val_split > 0:
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=training_args.seed)
+        dataset = DatasetDict(train=split["train"], validation=split["test"])
+    for split, flag in (("train", "do_train"), ("validation", "do_eval")):
+        if getattr(training_args, flag) and split not in dataset:
+            raise ValueError(f"--{flag} needs a {split!r} split; the data has {', '.join(dataset)}")
+    labels = next(iter(dataset.values())).features[data_args.label_column_name].names
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in id2label.items()}
+
+    # 6. Model and image processor
+    if model_args.model_name_or_path is None:
+        config = ViTConfig(
+            image_size=model_args.image_size,
+            patch_size=model_args.patch_size,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            intermediate_size=model_args.intermediate_size,
+            hidden_dropout_prob=model_args.dropout,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+        )
+        model = ViTForImageClassification(config)
+        # the Trainer's card calls a model "fine-tuned from" its name unless the name is a folder
+        model.config._name_or_path = training_args.output_dir
+        size = {"height": model_args.image_size, "width": model_args.image_size}
+        image_processor = ViTImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        logger.info(f"Built a ViT from a config: {model.num_parameters():,} parameters")
+    else:
+        hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            finetuning_task="image-classification",
+            **hub,
+        )
+        if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+            raise ValueError(
+                f"{model_args.model_name_or_path} is a {config.model_type!r} model without an image-classification "
+                "head; use a vision model such as ViT, DeiT, BEiT, Swin or ConvNeXT"
+            )
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
+        )
+        image_processor = AutoImageProcessor.from_pretrained(
+            model_args.image_processor_name or model_args.model_name_or_path, backend="pil", **hub
+        )
+
+    # 7. Preprocessing: Pillow augmentation (`random`, which the Trainer seeds, also in dataloader workers), then
+    # the image processor (resize, rescale, normalise)
+    image_column, label_column = data_args.image_column_name, data_args.label_column_name
+
+    def augment(image: PILImage.Image) -> PILImage.Image:
+        if data_args.min_crop_scale < 1:
+            image = random_resized_crop(image, data_args.min_crop_scale)
+        if data_args.horizontal_flip and random.random() < 0.5:
+            image = ImageOps.mirror(image)
+        return image
+
+    def transform(batch: dict[str, list], train: bool) -> dict[str, Any]:
+        images = [image.convert("RGB") for image in batch[image_column]]
+        images = [augment(image) for image in images] if train else images
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": batch[label_column]}
+
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    for split, limit in limits.items():
+        if split in dataset:
+            if limit is not None:
+                dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(min(limit, len(dataset[split]))))
+            dataset[split].set_transform(partial(transform, train=split == "train"))
+    training_args.remove_unused_columns = False  # the transforms need the image column, unknown to the model
+
+    # 8. Collator and metrics
+    def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.tensor([example["labels"] for example in examples]),
+        }
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        return {"accuracy": float(np.mean(np.argmax(eval_pred.predictions, axis=1) == eval_pred.label_ids))}
+
+    # 9. Trainer
+    trainer = build_trainer(
+        XSAMTrainer,
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+        data_collator=collate,
+    )
+
+    # 10. Train and evaluate
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        save_model(trainer)  # also saves the image processor
+        record_metrics(trainer, "train", train_result.metrics, len(dataset["train"]))
+        trainer.save_state()
+    if training_args.do_eval:
+        logger.info("*** Evaluate ***")
+        record_metrics(trainer, "eval", trainer.evaluate(), len(dataset["validation"]))
+
+    # 11. Model card and push
+    finish(
+        trainer,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="image-classification",
+        dataset=EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name,
+        dataset_tags=data_args.dataset_name,
+        dataset_args=data_args.dataset_config_name,
+        tags=["image-classification", "vision"],
+    )
+
+
+if __name__ == "__main__":
+    main()

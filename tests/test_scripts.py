@@ -1,0 +1,332 @@
+"""The example scripts end to end on tiny settings, their errors, and their 2-process launch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image, Value
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import OfflineModeIsEnabled
+from PIL import Image as PILImage
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    HfArgumentParser,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
+
+from hf_xsam import XSAMSeq2SeqTrainingArguments
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import _common  # noqa: E402
+import classify_images  # noqa: E402
+import translate  # noqa: E402
+
+COMMON = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "1",
+          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16"]
+TINY_MARIAN = ["--d_model", "16", "--ffn_dim", "32", "--num_layers", "1", "--num_heads", "2", "--vocab_size", "120",
+               "--max_target_length", "24"]
+TINY_VIT = ["--image_size", "8", "--patch_size", "4", "--hidden_size", "16", "--num_hidden_layers", "1",
+            "--num_attention_heads", "2", "--intermediate_size", "32"]
+EMBEDDED_TRANSLATION = ["--num_embedded_train", "48", "--num_embedded_eval", "16"]
+
+
+def run(script, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", [script.__file__, *map(str, args)])
+    script.main()
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def translation_files(tmp_path, n=32, column=True):
+    pairs = translate.number_corpus(n, 8, seed=1)
+    files = {}
+    for split, name in (("train", "train"), ("validation", "valid")):
+        rows = pairs[split]["translation"]
+        files[split] = write_jsonl(tmp_path / f"{name}.jsonl", [{"translation": r} if column else r for r in rows])
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# translate.py
+
+
+def test_number_corpus_is_reproducible_and_disjoint():
+    corpus = translate.number_corpus(300, 50, seed=3)
+    train = {pair["en"] for pair in corpus["train"]["translation"]}
+    held_out = [pair["en"] for pair in corpus["validation"]["translation"]]
+    assert len(train) == 300 and len(set(held_out)) == 50 and not train & set(held_out)
+    assert corpus["validation"]["translation"] == translate.number_corpus(300, 50, seed=3)["validation"]["translation"]
+    assert {"en": "twenty-one", "fr": "vingt et un"} in translate.number_corpus(2000, 0, seed=0)["train"]["translation"]
+
+
+def test_translate_embedded_run_saves_model_tokenizer_metrics_and_card(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(translate, monkeypatch, "--output_dir", out, *EMBEDDED_TRANSLATION, *TINY_MARIAN, *COMMON,
+        "--max_steps", 3, "--alpha_search_interval", 2)
+    metrics = read_json(out / "eval_results.json")
+    assert {"eval_bleu", "eval_chrf", "eval_loss", "eval_gen_len"} <= metrics.keys()
+    state = read_json(out / "trainer_state.json")
+    assert state["global_step"] == 3 and any("xsam/alpha" in log for log in state["log_history"])
+
+    card = ModelCard.load(out / "README.md")
+    assert {"xsam", "sharpness-aware-minimization"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers" and card.data.language == ["en", "fr"]
+    assert "| rho | 0.05 |" in card.text and "| alpha_search_interval | 2 |" in card.text
+    assert "trained from scratch" in card.text
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    generated = model.generate(**tokenizer(["twenty-one"], return_tensors="pt"), max_new_tokens=5)
+    assert isinstance(tokenizer.decode(generated[0], skip_special_tokens=True), str)
+
+
+def test_translate_t5_from_json_config_with_files_and_predict(tmp_path, monkeypatch):
+    files = translation_files(tmp_path)
+    test = write_jsonl(tmp_path / "test.jsonl", [{"translation": {"en": "seven", "fr": "sept"}}] * 5)
+    config = {
+        "model_type": "t5", "train_file": str(files["train"]), "validation_file": str(files["validation"]),
+        "test_file": str(test), "source_lang": "en", "target_lang": "fr", "source_prefix": "translate: ",
+        "output_dir": str(tmp_path / "out"), "do_train": True, "do_eval": True, "do_predict": True,
+        "predict_with_generate": True, "max_steps": 2, "sam_method": "sam", "report_to": "none",
+        "disable_tqdm": True, "use_cpu": True, "per_device_train_batch_size": 8,
+        "d_model": 16, "ffn_dim": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 120, "max_target_length": 24,
+    }  # fmt: skip
+    (tmp_path / "args.json").write_text(json.dumps(config))
+    run(translate, monkeypatch, tmp_path / "args.json")
+    assert len((tmp_path / "out" / "generated_predictions.txt").read_text().splitlines()) == 5
+    assert "predict_bleu" in read_json(tmp_path / "out" / "predict_results.json")
+    assert "| sam_method | sam |" in ModelCard.load(tmp_path / "out" / "README.md").text
+
+
+def test_translate_fine_tunes_a_checkpoint_on_one_column_per_language(tmp_path, monkeypatch):
+    files = translation_files(tmp_path, column=False)
+    model_args = translate.ModelArguments(d_model=16, ffn_dim=32, num_layers=1, num_heads=2)
+    tokenizer = translate.train_tokenizer(["one two three", "un deux trois"], vocab_size=60, model_max_length=128)
+    translate.scratch_model(model_args, tokenizer, max_length=128).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    run(translate, monkeypatch, "--model_name_or_path", tmp_path / "ckpt", "--train_file", files["train"],
+        "--validation_file", files["validation"], "--source_lang", "en", "--target_lang", "fr", "--do_train",
+        "--do_eval", "--predict_with_generate", "--max_steps", 2, "--sam_method", "none",
+        "--output_dir", tmp_path / "out", *COMMON)
+    assert "eval_chrf" in read_json(tmp_path / "out" / "eval_results.json")
+    assert "| sam_method | none |" in ModelCard.load(tmp_path / "out" / "README.md").text
+
+
+def bert_checkpoint(path):
+    BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("language", r"--source_lang 'de' is not in the dataset; found languages in the `translation` column: en, fr"),
+        ("columns", r"--source_lang 'en' is not in the dataset; found columns \(no `translation` column\): src, tgt"),
+        ("no_languages", r"Pass --source_lang and --target_lang"),
+        ("csv", r"--train_file must be a JSON lines file \(.json or .jsonl\), got '.*train.csv'"),
+        ("no_seq2seq_head", r"is a 'bert' model \(architectures: BertModel\) without a sequence-to-sequence head"),
+    ],
+)
+def test_translate_errors_say_what_was_found(tmp_path, monkeypatch, case, match):
+    files = translation_files(tmp_path)
+    args = ["--train_file", files["train"], "--source_lang", "en", "--target_lang", "fr", "--do_train",
+            "--output_dir", tmp_path / "out", *COMMON]
+    if case == "language":
+        args[3] = "de"
+    elif case == "columns":
+        args[1] = write_jsonl(tmp_path / "flat.jsonl", [{"src": "one", "tgt": "un"}])
+    elif case == "no_languages":
+        args = args[:2] + args[6:]
+    elif case == "csv":
+        args[1] = tmp_path / "train.csv"
+    else:
+        args += ["--model_name_or_path", bert_checkpoint(tmp_path / "bert")]
+    with pytest.raises(ValueError, match=match):
+        run(translate, monkeypatch, *args)
+
+
+def translate_parser():
+    return HfArgumentParser((translate.ModelArguments, translate.DataTrainingArguments, XSAMSeq2SeqTrainingArguments))
+
+
+def parse(argv):
+    return _common.parse_arguments(translate_parser(), translate.DATA_AND_MODEL_OPTIONS, translate.EMBEDDED_DEFAULTS,
+                                   argv=list(map(str, argv)))
+
+
+def test_embedded_defaults_apply_without_data_or_model_flags_and_yield_to_explicit_ones(tmp_path):
+    _, _, args = parse(["--output_dir", tmp_path, "--learning_rate", "0.01"])
+    assert args.do_train and args.predict_with_generate and args.num_train_epochs == 8
+    assert args.learning_rate == 0.01
+    _, _, args = parse(["--output_dir", tmp_path, "--train_file", "x.jsonl"])
+    assert not args.do_train and args.learning_rate == 5e-5 and args.num_train_epochs == 3
+
+    (tmp_path / "a.json").write_text(json.dumps({"output_dir": str(tmp_path), "num_train_epochs": 2}))
+    _, _, args = parse([tmp_path / "a.json"])
+    assert args.do_train and args.num_train_epochs == 2 and args.learning_rate == 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# classify_images.py
+
+
+def test_random_resized_crop_keeps_size_and_mode():
+    image = PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L")
+    cropped = classify_images.random_resized_crop(image, 0.5)
+    assert cropped.size == (8, 8) and cropped.mode == "L"
+
+
+def test_classify_embedded_run_saves_model_processor_metrics_and_card(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(classify_images, monkeypatch, "--output_dir", out, *TINY_VIT, *COMMON, "--max_train_samples", 32,
+        "--max_eval_samples", 16, "--max_steps", 2, "--eval_strategy", "no")
+    assert 0.0 <= read_json(out / "eval_results.json")["eval_accuracy"] <= 1.0
+    card = ModelCard.load(out / "README.md")
+    assert {"xsam", "image-classification", "vision"} <= set(card.data.tags)
+    assert "| rho | 0.05 |" in card.text and "scikit-learn digits" in card.text
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    image = PILImage.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    logits = model(**processor(image, return_tensors="pt")).logits
+    assert logits.shape == (1, 10) and model.config.id2label[0] == "0"
+
+
+def image_folder(root, classes=("cat", "dog"), per_class=4):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            PILImage.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_classify_fine_tunes_a_checkpoint_on_image_folders_with_a_new_head(tmp_path, monkeypatch):
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "ckpt")
+    ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "ckpt")
+    run(classify_images, monkeypatch, "--model_name_or_path", tmp_path / "ckpt", "--ignore_mismatched_sizes",
+        "--train_dir", image_folder(tmp_path / "train"), "--validation_dir", image_folder(tmp_path / "valid"),
+        "--do_train", "--do_eval", "--max_steps", 2, "--output_dir", tmp_path / "out", *COMMON)
+    assert read_json(tmp_path / "out" / "config.json")["id2label"] == {"0": "cat", "1": "dog"}
+    assert "eval_accuracy" in read_json(tmp_path / "out" / "eval_results.json")
+
+
+def test_classify_reads_image_paths_and_string_labels_from_json_lines(tmp_path, monkeypatch):
+    folder = image_folder(tmp_path / "images")
+    rows = [{"file": str(path), "animal": path.parent.name} for path in sorted(folder.glob("*/*.png"))]
+    run(classify_images, monkeypatch, "--train_file", write_jsonl(tmp_path / "train.jsonl", rows),
+        "--image_column_name", "file", "--label_column_name", "animal", "--train_val_split", 0.25, *TINY_VIT,
+        "--do_train", "--do_eval", "--max_steps", 1, "--output_dir", tmp_path / "out", *COMMON)
+    assert read_json(tmp_path / "out" / "eval_results.json")["eval_samples"] == 2
+    assert read_json(tmp_path / "out" / "config.json")["label2id"] == {"cat": 0, "dog": 1}
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--label_column_name", "species"],
+         r"--label_column_name 'species' is not a column of the dataset; found columns: image, label, size, caption"),
+        (["--image_column_name", "size"], r"--image_column_name 'size' holds Value\('int64'\), not images"),
+        (["--image_column_name", "caption"], r"--image_column_name 'caption' holds 'a cat', which is not an image"),
+    ],
+)  # fmt: skip
+def test_classify_errors_say_what_was_found(tmp_path, monkeypatch, flags, match):
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"]), "size": Value("int64"),
+                         "caption": Value("string")})
+    images = [PILImage.new("RGB", (8, 8))] * 2
+    Dataset.from_dict({"image": images, "label": [0, 1], "size": [8, 8], "caption": ["a cat", "a dog"]},
+                      features=features).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match=match):
+        run(classify_images, monkeypatch, "--train_file", tmp_path / "train.parquet", *flags, "--do_train",
+            "--output_dir", tmp_path / "out", *COMMON)
+
+
+def test_classify_refuses_a_model_without_an_image_classification_head(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"is a 'bert' model without an image-classification head"):
+        run(classify_images, monkeypatch, "--model_name_or_path", bert_checkpoint(tmp_path / "bert"),
+            "--train_dir", image_folder(tmp_path / "train"), "--do_train", "--output_dir", tmp_path / "out", *COMMON)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Hub
+
+
+def test_push_failures_say_whether_anything_was_trained_and_where_it_is(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    class Offline:
+        def create_repo(self, *args, **kwargs):
+            raise OfflineModeIsEnabled("offline mode is enabled")
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", Offline)
+    with pytest.raises(RuntimeError, match="creating the Hub repository failed .*nothing has been trained yet"):
+        run(classify_images, monkeypatch, "--output_dir", tmp_path / "a", *TINY_VIT, *COMMON, "--max_steps", 1,
+            "--push_to_hub")
+
+    class UploadFails:
+        def create_repo(self, repo_id, **kwargs):
+            return type("RepoUrl", (), {"repo_id": f"someone/{repo_id}"})()
+
+        def upload_folder(self, **kwargs):
+            raise OfflineModeIsEnabled("offline mode is enabled")
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", UploadFails)
+    out = tmp_path / "b"
+    with pytest.raises(RuntimeError, match=r"Pushing to the Hub failed .* saved in .*b; upload them later with `hf upload someone/b"):
+        run(classify_images, monkeypatch, "--output_dir", out, *TINY_VIT, *COMMON, "--max_steps", 1,
+            "--max_eval_samples", 8, "--push_to_hub")
+    assert {"model.safetensors", "preprocessor_config.json", "eval_results.json", "README.md"} <= set(os.listdir(out))
+
+
+# --------------------------------------------------------------------------------------------------
+# two processes
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_cpu_processes_train_together(tmp_path, launcher):
+    """translate.py under `accelerate launch`, classify_images.py under `torchrun`: one global batch of 2 x 8."""
+    port = str(free_port())
+    if launcher == "accelerate":
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", port, str(SCRIPTS / "translate.py"), *EMBEDDED_TRANSLATION, *TINY_MARIAN]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                   str(SCRIPTS / "classify_images.py"), *TINY_VIT, "--max_eval_samples", 16]
+    command += ["--output_dir", str(tmp_path / "out"), *COMMON, "--max_train_samples", 32, "--num_train_epochs", 1,
+                "--eval_strategy", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_json(tmp_path / "out" / "trainer_state.json")["global_step"] == 2  # 32 samples / (2 x 8)
+    assert "xsam" in ModelCard.load(tmp_path / "out" / "README.md").data.tags
