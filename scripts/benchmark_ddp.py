@@ -2,7 +2,7 @@
 
 Run on several processes (CPU: gloo), e.g.::
 
-    torchrun --nproc_per_node 2 scripts/benchmark_ddp.py --steps 30 --hidden_size 128
+    torchrun --nproc_per_node 2 scripts/benchmark_ddp.py --steps 10 --rounds 3 --hidden_size 128
 
 Each configuration trains the same ViT (built from a config, random 32x32 images) with XSAMTrainer;
 the time of every optimizer step is taken between `on_step_begin` and `on_step_end`, and every byte
@@ -13,6 +13,7 @@ engine's directly, both through a counting `torch.distributed.all_reduce`. Rank 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import time
@@ -31,6 +32,10 @@ CONFIGURATIONS = {
     "XSAM local": dict(sam_method="xsam", sam_perturbation="local"),
     "XSAM global": dict(sam_method="xsam", sam_perturbation="global"),
 }
+
+
+def dist_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 class ByteCounter:
@@ -54,15 +59,18 @@ class ByteCounter:
 
 
 class StepTimer(TrainerCallback):
+    """Times optimizer steps and the bytes they all-reduce, past the first ``skip`` of each run."""
+
     def __init__(self, counter: ByteCounter) -> None:
-        self.counter, self.times, self.bytes = counter, [], []
+        self.counter, self.times, self.bytes, self.skip = counter, [], [], 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start, self._bytes = time.perf_counter(), self.counter.bytes
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
-        self.bytes.append(self.counter.bytes - self._bytes)
+        if state.global_step > self.skip:
+            self.times.append(time.perf_counter() - self._start)
+            self.bytes.append(self.counter.bytes - self._bytes)
 
 
 class HookedTrainer(XSAMTrainer):
@@ -79,8 +87,9 @@ class HookedTrainer(XSAMTrainer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -90,32 +99,40 @@ def main() -> None:
     counter = ByteCounter()
     counter.install()
     generator = torch.Generator().manual_seed(0)
-    n = options.batch_size * 2 * (options.steps + options.warmup)
+    n = options.batch_size * dist_world_size() * (options.steps + options.warmup)
     data = Dataset.from_dict(
         {"pixel_values": torch.randn(n, 3, 32, 32, generator=generator).numpy(), "labels": torch.randint(0, 10, (n,)).numpy()}
     ).with_format("torch")
     config = ViTConfig(image_size=32, patch_size=4, hidden_size=options.hidden_size, num_hidden_layers=options.layers,
                        num_attention_heads=4, intermediate_size=4 * options.hidden_size, num_labels=10)
-    results = {}
-    for name, settings in CONFIGURATIONS.items():
-        timer = StepTimer(counter)
-        args = XSAMTrainingArguments(
-            output_dir="/tmp/benchmark_ddp", per_device_train_batch_size=options.batch_size,
-            max_steps=options.steps + options.warmup, report_to="none", disable_tqdm=True, use_cpu=True,
-            ddp_backend="gloo", ddp_find_unused_parameters=False, save_strategy="no", logging_strategy="no", alpha_search_interval=0, seed=0,
-            **settings,
-        )
-        torch.manual_seed(0)
-        trainer = HookedTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data,
-                                callbacks=[timer])
-        trainer.counter = counter
-        trainer.train()
-        parameters = sum(p.numel() for p in trainer.model.parameters())
-        results[name] = {
-            "median_step_s": statistics.median(timer.times[options.warmup :]),
-            "bytes_per_step": statistics.median(timer.bytes[options.warmup :]),
+    timers = {name: StepTimer(counter) for name in CONFIGURATIONS}
+    parameters = 0
+    # rounds of every configuration in turn, so that a busy machine slows them alike
+    for _ in range(options.rounds):
+        for name, settings in CONFIGURATIONS.items():
+            args = XSAMTrainingArguments(
+                output_dir="/tmp/benchmark_ddp", per_device_train_batch_size=options.batch_size,
+                max_steps=options.steps + options.warmup, report_to="none", disable_tqdm=True, use_cpu=True,
+                ddp_backend="gloo", ddp_find_unused_parameters=False, save_strategy="no", logging_strategy="no",
+                alpha_search_interval=0, seed=0, **settings,
+            )
+            torch.manual_seed(0)
+            timer = timers[name]
+            timer.skip = options.warmup
+            trainer = HookedTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data,
+                                    callbacks=[timer])
+            trainer.counter = counter
+            trainer.train()
+            parameters = sum(p.numel() for p in trainer.model.parameters())
+    results = {
+        name: {
+            "median_step_s": statistics.median(timer.times),
+            "bytes_per_step": statistics.median(timer.bytes),
             "parameter_bytes": parameters * 4,
+            "steps_timed": len(timer.times),
         }
+        for name, timer in timers.items()
+    }
     if dist.get_rank() == 0:
         base = results["plain DDP (none)"]
         print(f"{dist.get_world_size()} processes, ViT hidden {options.hidden_size} x {options.layers} layers, "
