@@ -211,3 +211,23 @@ def test_model_without_loss_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="XSAM needs a loss"):
         XSAMTrainer(model=NoLabels(), args=xsam_args(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "engine, plugin, settings, match",
+    [
+        ("deepspeed", None, {}, "not supported with DeepSpeed.*Use FSDP"),
+        ("fsdp", 1, {"sam_perturbation": "global"}, "FSDP2 only.*fsdp_version"),
+        ("fsdp", 2, {}, "sam_perturbation='local' is not supported with FSDP.*--sam_perturbation global"),
+        ("fsdp", 2, {"sam_perturbation": "global", "gradient_accumulation_steps": 2}, "sync_each_batch"),
+    ],
+)
+def test_unsupported_distributed_engines_are_refused(tmp_path, monkeypatch, engine, plugin, settings, match):
+    # neither DeepSpeed nor FSDP can be switched on on this CPU: put the trainer in their state by hand
+    trainer = XSAMTrainer(model=TinyClassifier(), args=xsam_args(tmp_path, **settings))
+    monkeypatch.setattr(trainer, f"is_{engine}_enabled", True)
+    if plugin is not None:
+        fsdp_plugin = type("Plugin", (), {"fsdp_version": plugin})
+        monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", fsdp_plugin, raising=False)
+    with pytest.raises(ValueError, match=match):
+        trainer._check_supported()
