@@ -22,15 +22,19 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def torchrun(worker: str, out: Path, result_prefix: str) -> list[dict]:
+    """Run ``worker`` on WORLD processes and load what each rank saved."""
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-               str(TESTS / "dist_worker.py"), str(out)]
+               str(TESTS / worker), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"{result_prefix}{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return torchrun("dist_worker.py", tmp_path_factory.mktemp("ddp"), "rank")
 
 
 def cat(batches):
@@ -97,13 +101,7 @@ def test_resume_from_multi_worker_checkpoint(ranks):
 
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-               str(TESTS / "fsdp_worker.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"fsdp_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return torchrun("fsdp_worker.py", tmp_path_factory.mktemp("fsdp"), "fsdp_rank")
 
 
 def test_fsdp2_sharded_engine_equals_one_device_on_the_global_batch(fsdp_ranks):
