@@ -127,6 +127,7 @@ def plot_landscape(
     path: str,
     title: str = "",
     points: dict[str, tuple[float, float]] | None = None,
+    paths: dict[str, Sequence[tuple[float, float]]] | None = None,
 ) -> None:
     """A 2-D loss slice (``losses[i][j]`` at ``x = xs[j], y = xs[i]`` on ``[-extent, extent]^2``) with directions.
 
@@ -138,12 +139,13 @@ def plot_landscape(
         path: the PNG to write.
         title: the figure title.
         points: label -> ``(x, y)`` of a marked point.
+        paths: label -> points drawn as a dotted line with small markers (e.g. the alpha-search grid).
     """
     import numpy as np
 
     grid = np.asarray(losses, dtype=float)
     xs = np.linspace(-extent, extent, grid.shape[1])
-    fig = _figure(1, width=6.4, height=5.6)
+    fig = _figure(1, width=6.4, height=6.6)
     ax = fig.subplots()
     filled = ax.contourf(xs, xs, grid, levels=30, cmap="magma")
     ax.contour(xs, xs, grid, levels=12, colors="white", linewidths=0.4, alpha=0.5)
@@ -157,12 +159,14 @@ def plot_landscape(
         ax.plot([], [], color=color, lw=2, label=label)
     for i, (label, (x, y)) in enumerate((points or {}).items()):
         ax.plot(x, y, marker="**Pd"[i % 4], ms=12, color="cyan", mec="black", ls="none", label=label)
+    for label, path_points in (paths or {}).items():
+        ax.plot(*zip(*path_points), ".:", color="white", ms=4, lw=0.8, label=label)
     ax.plot(0, 0, "wo", ms=4)
     ax.set_aspect("equal")
     ax.set_xlabel("along v0 (ascent direction)")
     ax.set_ylabel("along v1, orthogonalised")
     ax.set_title(title)
-    ax.legend(fontsize="small", loc="lower left", framealpha=0.8)
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     fig.savefig(path, dpi=120)
 
 

@@ -32,6 +32,7 @@ class Task:
     """A model and its training examples (a list of dicts of tensors, one example each)."""
 
     name: str
+    size: str
     model: nn.Module
     train: list[dict[str, Tensor]]
     test: list[dict[str, Tensor]]
@@ -72,7 +73,7 @@ def _digits(image_size: int, seed: int) -> tuple[list[dict[str, Tensor]], list[d
 def _vit(size: str) -> ViTForImageClassification:
     small = size == "small"
     config = ViTConfig(
-        image_size=8 if small else 32,
+        image_size=8 if small else 16,
         patch_size=2 if small else 4,
         num_channels=1,
         hidden_size=64 if small else 256,
@@ -131,9 +132,9 @@ def build_task(name: str, size: str = "small", seed: int = 0) -> Task:
         raise ValueError(f"Invalid task {name!r} / size {size!r}; choose from {TASKS} and {SIZES}")
     torch.manual_seed(seed)
     if name == "vit":
-        train, test = _digits(8 if size == "small" else 32, seed)
+        train, test = _digits(8 if size == "small" else 16, seed)
         model = _vit(size)
     else:
         train, test, vocab_size = _numbers(seed)
         model = _marian(size, vocab_size)
-    return Task(name, model, train, test)
+    return Task(name, size, model, train, test)

@@ -1,0 +1,412 @@
+"""Speed and memory of XSAM steps against the base optimizer and SAM, measured side by side.
+
+Every configuration gets its own `XSAMTrainer` over its own copy of the same model and the same batch. One
+*unit* of a configuration is what the Trainer's inner loop does for one optimizer step (two for
+``sam_interval=2``): ``training_step``, gradient clipping, ``optimizer.step``, ``lr_scheduler.step``,
+``zero_grad``. After warm-up the configurations run interleaved, in a fresh random order every round, so
+that drifting load from other processes hits them alike; the figures are medians over rounds, and each ratio
+is the median of per-round ratios (paired). CPU times come from ``perf_counter``, CUDA times from events.
+
+The alpha search runs on few steps (the paper: once per epoch), so the median of a run would hide it; it is
+timed on its own (``xsam-search`` searches on every step) and amortised over ``--search-every`` steps.
+
+Memory runs each configuration in a fresh process (peak RSS is per process): peak RSS or CUDA max
+allocated, and the bytes held by live tensors between steps, whose excess over the base optimizer is what
+XSAM keeps (its saved weights, and the accumulated direction with gradient accumulation).
+
+Usage:
+    python scripts/benchmark.py --tasks vit marian --rounds 60 --json benchmark.json
+    python scripts/benchmark.py --size large --rounds 15 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.profiler import record_function
+from transformers import Trainer
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from toy_tasks import SIZES, TASKS, Task, build_task  # noqa: E402
+
+from hf_xsam import XSAMTrainer, XSAMTrainerMixin, XSAMTrainingArguments  # noqa: E402
+
+NEVER = 10**9  # alpha_search_interval that searches on the first step only (done during warm-up)
+
+# name -> (XSAM settings, passes per optimizer step for the plain optimizer, gradient accumulation, steps per unit)
+CONFIGS = {
+    "base": ({"sam_method": "none"}, 1, 1, 1),
+    "base-2pass": ({"sam_method": "none"}, 2, 1, 1),
+    "sam": ({"sam_method": "sam"}, 1, 1, 1),
+    "xsam": ({"sam_method": "xsam", "alpha_search_interval": NEVER}, 1, 1, 1),
+    "xsam-search": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 1, 1),
+    "xsam-interval2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 2}, 1, 1, 2),
+    "sam-k2": ({"sam_method": "sam", "ascent_steps": 2}, 1, 1, 1),
+    "xsam-k2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "ascent_steps": 2}, 1, 1, 1),
+    "base-ga2": ({"sam_method": "none"}, 1, 2, 1),
+    "xsam-ga2": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 2, 1),
+}
+TIMED = ["base", "base-2pass", "sam", "xsam", "xsam-search", "xsam-interval2", "sam-k2", "xsam-k2"]
+MEASURED_MEMORY = ["base", "sam", "xsam-search", "base-ga2", "xsam-ga2"]
+BATCH_SIZE = {("vit", "small"): 64, ("vit", "large"): 32, ("marian", "small"): 32, ("marian", "large"): 32}
+LABELS = ("forward_backward", "forward", "optimizer")
+
+
+class _LabelledTrainer(Trainer):
+    """Marks every forward+backward pass and every loss-only forward in the profiler trace."""
+
+    def training_step(self, *args, **kwargs):
+        with record_function("forward_backward"):
+            return super().training_step(*args, **kwargs)
+
+    def compute_loss(self, *args, **kwargs):
+        with record_function("forward"):
+            return super().compute_loss(*args, **kwargs)
+
+
+class ProfiledXSAMTrainer(XSAMTrainerMixin, _LabelledTrainer):
+    """`XSAMTrainer` whose passes show up as labelled ranges (the mixin's ``super()`` reaches the labels)."""
+
+
+@dataclass
+class Runner:
+    """One configuration: its trainer, model, batch and how one unit runs."""
+
+    name: str
+    trainer: Trainer
+    batch: dict[str, torch.Tensor]
+    passes: int
+    accumulation: int
+    steps: int
+
+    def unit(self) -> None:
+        """What the Trainer's inner loop does for ``self.steps`` optimizer steps."""
+        trainer, model = self.trainer, self.trainer.model
+        trainer.current_gradient_accumulation_steps = self.accumulation
+        for _ in range(self.steps):
+            for micro in range(self.accumulation):
+                trainer.accelerator.gradient_state._set_sync_gradients(micro == self.accumulation - 1)
+                for _ in range(self.passes):
+                    trainer.training_step(model, self.batch)
+            with record_function("optimizer"):
+                trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+                trainer.optimizer.step()
+                trainer.lr_scheduler.step()
+                model.zero_grad()
+            trainer.state.global_step += 1
+
+
+def make_runner(task: Task, name: str, output_dir: str, trainer_class: type = XSAMTrainer) -> Runner:
+    settings, passes, accumulation, steps = CONFIGS[name]
+    args = XSAMTrainingArguments(
+        output_dir=output_dir,
+        report_to="none",
+        learning_rate=1e-4,
+        gradient_accumulation_steps=accumulation,
+        rho=0.05,
+        **settings,
+    )
+    trainer = trainer_class(model=copy.deepcopy(task.model), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=NEVER)
+    batch = task.batch(BATCH_SIZE[task.name, task.size])
+    return Runner(name, trainer, batch, passes, accumulation, steps)
+
+
+class Clock:
+    """Seconds taken by a callable: CUDA events (then one synchronisation) on GPU; on CPU the process's CPU
+    time (``"cpu"``: blind to the time other processes take the core from it) or wall time (``"wall"``)."""
+
+    def __init__(self, device: torch.device, kind: str) -> None:
+        self.cuda = device.type == "cuda"
+        self.now = time.process_time if kind == "cpu" else time.perf_counter
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = self.now()
+        fn()
+        return self.now() - begin
+
+
+def time_task(task: Task, rounds: int, warmup: int, seed: int, clock_kind: str) -> dict[str, list[float]]:
+    """Seconds per optimizer step of every timed configuration, one value per round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = [make_runner(task, name, tmp) for name in TIMED]
+        clock = Clock(runners[0].trainer.args.device, clock_kind)
+        for runner in runners:
+            for _ in range(warmup):
+                runner.unit()
+        times: dict[str, list[float]] = defaultdict(list)
+        order = random.Random(seed)
+        for _ in range(rounds):
+            order.shuffle(runners)
+            for runner in runners:
+                times[runner.name].append(clock(runner.unit) / runner.steps)
+    return dict(times)
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median and interquartile range of the per-round ratios ``num / den``."""
+    ratios = sorted(a / b for a, b in zip(times[num], times[den]))
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return median, q1, q3
+
+
+def paired_difference(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median of the per-round differences ``a - b``."""
+    return statistics.median(x - y for x, y in zip(times[a], times[b]))
+
+
+def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
+    """Medians, ratios and the decomposition of a SAM step into passes, optimizer and XSAM arithmetic (paired)."""
+    times = dict(times)
+    for base_name, name in (("xsam", "xsam-amortised"), ("xsam-k2", "xsam-k2-amortised")):
+        times[name] = [
+            t + (search - plain) / search_every
+            for t, search, plain in zip(times[base_name], times["xsam-search"], times["xsam"])
+        ]
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratios = {f"{name}/base": paired_ratio(times, name, "base") for name in times if name != "base"}
+    ratios["xsam/sam"] = paired_ratio(times, "xsam", "sam")
+    ratios["xsam-amortised/sam"] = paired_ratio(times, "xsam-amortised", "sam")
+    ratios["xsam-k2-amortised/sam-k2"] = paired_ratio(times, "xsam-k2-amortised", "sam-k2")
+    one_pass = paired_difference(times, "base-2pass", "base")
+    search_extra = paired_difference(times, "xsam-search", "xsam")
+    return {
+        "times_s": times,
+        "median_s": medians,
+        "ratios": ratios,
+        "search_every": search_every,
+        "decomposition_s": {
+            "forward_backward_pass": one_pass,
+            "optimizer_and_clip": medians["base"] - one_pass,
+            "sam_arithmetic": paired_difference(times, "sam", "base-2pass"),
+            "search": search_extra,
+        },
+        # steps between searches for which the amortised search costs at most 2 % of a SAM step
+        "search_every_for_2_percent": search_extra / (0.02 * medians["sam"]),
+    }
+
+
+def live_tensor_bytes(trainer: Trainer) -> int:
+    """Bytes of all distinct tensor storages alive now (parameters, gradients, optimizer and XSAM state)."""
+    tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def memory_child(task_name: str, size: str, name: str, seed: int) -> dict:
+    """Runs in a fresh process: a few units of one configuration, then its memory figures."""
+    task = build_task(task_name, size, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = make_runner(task, name, tmp)
+        device = runner.trainer.args.device
+        runner.unit()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        live = 0
+        for _ in range(3):
+            runner.unit()
+            gc.collect()
+            live = max(live, live_tensor_bytes(runner.trainer))
+        parameters = [p for p in runner.trainer.model.parameters() if p.requires_grad]
+        parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
+        return {
+            "config": name,
+            "parameter_bytes": parameter_bytes,
+            "live_tensor_bytes": live,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        }
+
+
+def measure_memory(task_name: str, size: str, seed: int, threads: int) -> dict[str, dict]:
+    results = {}
+    for name in MEASURED_MEMORY:
+        command = [sys.executable, os.path.abspath(__file__), "--memory-child", task_name, size, name]
+        command += ["--seed", str(seed), "--threads", str(threads)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[name] = json.loads(output.strip().splitlines()[-1])
+    return results
+
+
+def summarise_memory(memory: dict[str, dict]) -> dict:
+    parameter_bytes = memory["base"]["parameter_bytes"]
+    peak_key = "cuda_max_allocated_bytes" if memory["base"]["cuda_max_allocated_bytes"] is not None else "peak_rss_bytes"
+    rows = {}
+    for name, figures in memory.items():
+        base = memory["base-ga2" if name.endswith("ga2") else "base"]
+        extra = figures["live_tensor_bytes"] - base["live_tensor_bytes"]
+        rows[name] = {
+            "peak_bytes": figures[peak_key],
+            "peak_extra_bytes": figures[peak_key] - base[peak_key],
+            "live_extra_bytes": extra,
+            "live_extra_parameter_copies": extra / parameter_bytes,
+        }
+    return {"parameter_bytes": parameter_bytes, "peak": peak_key, "configs": rows}
+
+
+def profile_step(task: Task, steps: int) -> dict:
+    """Where an XSAM step's time goes outside forward/backward, from the torch profiler's top-level ranges."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = make_runner(task, "xsam", tmp, trainer_class=ProfiledXSAMTrainer)
+        for _ in range(3):
+            runner.unit()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if runner.trainer.args.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(steps):
+                with record_function("step"):
+                    runner.unit()
+    events = profiler.events()
+    step_us = sum(e.cpu_time_total for e in events if e.name == "step")
+    outside: dict[str, float] = defaultdict(float)
+    calls = syncs = 0
+    for event in events:
+        parent = event.cpu_parent
+        if parent is not None and parent.name == "step":
+            outside[event.name] += event.cpu_time_total
+            calls += event.name not in LABELS
+        # reading a tensor value back (.item(), bool(tensor), .tolist()) outside the passes and the optimizer
+        labelled = any(a.name in LABELS for a in _ancestors(event))
+        syncs += event.name == "aten::_local_scalar_dense" and not labelled
+    children = sum(outside.values())
+    rest = {name: us for name, us in outside.items() if name not in ("forward_backward", "optimizer")}
+    return {
+        "steps": steps,
+        "step_ms": step_us / steps / 1e3,
+        "forward_backward_ms": outside["forward_backward"] / steps / 1e3,
+        "optimizer_ms": outside["optimizer"] / steps / 1e3,
+        "xsam_ops_ms": sum(rest.values()) / steps / 1e3,
+        "python_between_ops_ms": (step_us - children) / steps / 1e3,
+        "op_calls_per_step_outside_passes": calls / steps,
+        "host_syncs_per_step_outside_passes": syncs / steps,
+        "top_ops_outside_passes_ms": {
+            name: us / steps / 1e3 for name, us in sorted(rest.items(), key=lambda item: -item[1])[:12]
+        },
+    }
+
+
+def _ancestors(event):
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        yield event
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def markdown(task_name: str, size: str, timing: dict, memory: dict | None, threads: int, clock: str) -> str:
+    medians, ratios = timing["median_s"], timing["ratios"]
+    lines = [
+        f"### {task_name} ({size}), {threads} thread(s), {clock} clock",
+        "",
+        "| config | ms / step | / base (IQR) |",
+        "| --- | ---: | ---: |",
+    ]
+    for name in TIMED + ["xsam-amortised", "xsam-k2-amortised"]:
+        if name == "base":
+            lines.append(f"| base | {_ms(medians[name])} | 1 |")
+            continue
+        median, q1, q3 = ratios[f"{name}/base"]
+        lines.append(f"| {name} | {_ms(medians[name])} | {median:.3f} ({q1:.3f}-{q3:.3f}) |")
+    lines += ["", f"Search amortised over {timing['search_every']} steps."]
+    for key in ("xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2"):
+        median, q1, q3 = ratios[key]
+        lines.append(f"- {key}: {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
+    parts = timing["decomposition_s"]
+    lines.append(
+        f"- one forward+backward pass {_ms(parts['forward_backward_pass'])} ms, optimizer+clip "
+        f"{_ms(parts['optimizer_and_clip'])} ms, SAM arithmetic {_ms(parts['sam_arithmetic'])} ms, "
+        f"one search {_ms(parts['search'])} ms (<= 2 % of a SAM step when searching every "
+        f">= {timing['search_every_for_2_percent']:.0f} steps)"
+    )
+    if memory is not None:
+        mib = 2**20
+        lines += [
+            "",
+            f"Trainable parameters: {memory['parameter_bytes'] / mib:.2f} MiB; peak = {memory['peak']}.",
+            "",
+            "| config | peak MiB | peak - base MiB | live extra MiB | live extra / parameters |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, row in memory["configs"].items():
+            lines.append(
+                f"| {name} | {row['peak_bytes'] / mib:.1f} | {row['peak_extra_bytes'] / mib:.1f} | "
+                f"{row['live_extra_bytes'] / mib:.2f} | {row['live_extra_parameter_copies']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--size", choices=SIZES, default="small", help="model configuration")
+    parser.add_argument("--rounds", type=int, default=60, help="timed rounds (one unit per configuration each)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed units per configuration first")
+    parser.add_argument("--search-every", type=int, default=200, help="steps between alpha searches, amortised")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
+    parser.add_argument(
+        "--clock", choices=("cpu", "wall"), default="cpu", help="CPU timing: process CPU time or wall time"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument("--profile", action="store_true", help="profile XSAM steps with torch.profiler")
+    parser.add_argument("--json", help="write all results to this JSON file")
+    parser.add_argument("--memory-child", nargs=3, metavar=("TASK", "SIZE", "CONFIG"), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child, args.seed)))
+        return
+    results = {"settings": vars(args), "torch": torch.__version__, "tasks": {}}
+    for task_name in args.tasks:
+        task = build_task(task_name, args.size, args.seed)
+        times = time_task(task, args.rounds, args.warmup, args.seed, args.clock)
+        timing = summarise_times(times, args.search_every)
+        memory = None if args.no_memory else summarise_memory(measure_memory(task_name, args.size, args.seed, args.threads))
+        results["tasks"][task_name] = {"timing": timing, "memory": memory}
+        if args.profile:
+            results["tasks"][task_name]["profile"] = profile_step(task, steps=10)
+        print(markdown(task_name, args.size, timing, memory, args.threads, args.clock), flush=True)
+        if args.profile:
+            print(json.dumps(results["tasks"][task_name]["profile"], indent=2), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

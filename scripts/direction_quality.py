@@ -1,0 +1,264 @@
+"""Direction quality, the paper's central claim measured: how well do g0, SAM's g1, g_k and XSAM's u(alpha*)
+point at the maximum of the batch loss in the rho-ball?
+
+A real training run (XSAMTrainer, AdamW) of a tiny ViT on sklearn's digits and of a small Marian on English
+to French number words keeps copies of the weights at a few checkpoints. At each checkpoint, on a few
+training batches (model in eval mode, so the loss is a function of the weights alone):
+
+- the ball maximum ``e*``: the largest loss found in ``||e|| <= rho`` by projected normalised gradient ascent
+  from several starts (zero and random points);
+- the directions: ``g0`` (the local gradient), ``g_k`` (k-step SAM's gradient, k = 1, 2, 5, 10) and XSAM's
+  ``u_k(alpha*)`` (alpha searched on the batch at ``rho_max = 2 rho``; also at ``rho_max = rho`` for k = 1),
+  all produced by the package's own engine;
+- for each: its cosine with ``e*`` and the share of the ball's loss rise it reaches at radius rho,
+  ``(L(w0 + rho d/||d||) - L0) / (L(w0 + e*) - L0)``.
+
+With ``--landscape DIR`` it also draws the loss in the plane of ``v0 = g0/||g0||`` and ``v1 = g1/||g1||``
+at one checkpoint, with g0, g1, XSAM's direction and the projected ball maximum (the paper's Figure 1).
+
+Usage:
+    python scripts/direction_quality.py --json direction_quality.json --landscape pictures
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from toy_tasks import TASKS, Task, build_task  # noqa: E402
+
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments  # noqa: E402
+from hf_xsam.diagnostics import LossProbe, ball_maximum, cosine, engine_direction, plane_basis, plane_slice  # noqa: E402
+from hf_xsam.plots import plot_landscape  # noqa: E402
+
+TRAINING = {  # learning rate, epochs, batch size
+    "vit": (2e-3, 15, 64),
+    "marian": (1e-3, 8, 32),
+}
+
+
+class KeepWeights(TrainerCallback):
+    """Keeps a copy of the model's weights at the given optimizer steps (0 = before the first step)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _keep(self, state, model) -> None:
+        if state.global_step in self.steps and state.global_step not in self.weights:
+            self.weights[state.global_step] = copy.deepcopy(model.state_dict())
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._keep(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._keep(state, model)
+
+
+def train(task: Task, rho: float, checkpoints: int, seed: int) -> tuple[dict[int, dict], dict]:
+    """Trains with XSAM and returns the kept weights by step and the run's figures."""
+    lr, epochs, batch_size = TRAINING[task.name]
+    total = epochs * math.ceil(len(task.train) / batch_size)
+    keep = KeepWeights([round(i * total / (checkpoints - 1)) for i in range(checkpoints)])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = XSAMTrainingArguments(
+            output_dir=tmp,
+            report_to="none",
+            learning_rate=lr,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=256,
+            warmup_steps=total // 20,
+            weight_decay=0.01,
+            logging_steps=max(total // 20, 1),
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=seed,
+            rho=rho,
+        )
+        trainer = XSAMTrainer(
+            model=task.model,
+            args=args,
+            train_dataset=task.train,
+            eval_dataset=task.test,
+            data_collator=task.collate,
+            callbacks=[keep],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        figures = {
+            "steps": trainer.state.global_step,
+            "eval_loss": trainer.evaluate()["eval_loss"],
+            "searched_alphas": [s["alpha"] for s in trainer.xsam.search_history],
+        }
+    return keep.weights, figures
+
+
+def measure(probe: LossProbe, rho: float, ks: list[int], starts: int, pga_steps: int, seed: int) -> dict:
+    """Cosines with the ball maximum and loss-rise shares at radius rho of every direction, on one batch."""
+    loss0, g0 = probe.loss_and_grad()
+    generator = torch.Generator().manual_seed(seed)
+    random_starts = [torch.randn(probe.numel, generator=generator) for _ in range(starts - 1)]
+    random_starts = [0.5 * rho * e / e.norm() for e in random_starts]
+    e_max, loss_max = ball_maximum(probe.loss_and_grad, rho, [torch.zeros(probe.numel)] + random_starts, pga_steps)
+    directions = {"g0": g0}
+    searched = {}
+    for k in ks:
+        directions[f"g{k}"], _, _ = engine_direction(probe, rho=rho, ascent_steps=k, search=False, alpha=1.0)
+        directions[f"xsam{k}"], engine, stats = engine_direction(probe, rho=rho, ascent_steps=k)
+        searched[f"xsam{k}"] = {"alpha": engine.alpha, "theta": math.degrees(float(stats.theta))}
+    directions["xsam1@rho"], engine, _ = engine_direction(probe, rho=rho, rho_max=rho)
+    searched["xsam1@rho"] = {"alpha": engine.alpha}
+    rise = loss_max - loss0
+    result = {"loss0": loss0, "loss_max": loss_max, "max_norm_over_rho": float(e_max.norm()) / rho, "cos": {}, "share": {}}
+    for name, d in directions.items():
+        result["cos"][name] = cosine(e_max, d)
+        result["share"][name] = (probe.loss(rho * d / d.norm()) - loss0) / rise
+    result["search"] = searched
+    result["directions"] = directions
+    result["e_max"] = e_max
+    return result
+
+
+def landscape(probe: LossProbe, point: dict, rho: float, points: int, path: str, title: str) -> dict:
+    """Loss in the (v0, v1) plane with g0, g1, XSAM's direction and the projected ball maximum."""
+    d = point["directions"]
+    e0, e1 = plane_basis(d["g0"], d["g1"])
+
+    def in_plane(v: torch.Tensor, length: float) -> tuple[float, float]:
+        v = v.double() / v.double().norm() * length
+        return float(v @ e0.double()), float(v @ e1.double())
+
+    extent = 2.6 * rho
+    grid = plane_slice(probe.loss, e0, e1, extent, points)
+    e_max = point["e_max"]
+    x, y = in_plane(e_max, float(e_max.norm()))
+    in_plane_share = math.hypot(x, y) / float(e_max.norm())
+    alpha = point["search"]["xsam1"]["alpha"]
+    theta = math.radians(point["search"]["xsam1"]["theta"])
+    alphas = [i / 10 for i in range(21)]  # the engine's default grid, at rho_max = 2 rho
+    search = [(2 * rho * math.cos(a * theta), 2 * rho * math.sin(a * theta)) for a in alphas]
+    plot_landscape(
+        grid.tolist(),
+        extent,
+        arrows={
+            "g0 (local gradient)": in_plane(d["g0"], rho),
+            "g1 (SAM)": in_plane(d["g1"], rho),
+            f"XSAM u(alpha*={alpha:g})": in_plane(d["xsam1"], rho),
+        },
+        circles={"rho": rho, "rho_max = 2 rho (alpha search)": 2 * rho},
+        points={f"ball maximum, projected ({in_plane_share:.0%} in plane)": (x, y)},
+        paths={"alpha search points, alpha = 0..2": search},
+        path=path,
+        title=title,
+    )
+    return {"path": path, "in_plane_share_of_max": in_plane_share, "alpha": alpha}
+
+
+def summarise(points: list[dict], ks: list[int]) -> dict:
+    """Means over batches and checkpoints, and how often each claim holds."""
+    names = list(points[0]["cos"])
+    mean = {kind: {n: statistics.fmean(p[kind][n] for p in points) for n in names} for kind in ("cos", "share")}
+    wins = {
+        "g1 beats g0": statistics.fmean(p["cos"]["g1"] > p["cos"]["g0"] for p in points),
+        "xsam1 beats g1": statistics.fmean(p["cos"]["xsam1"] > p["cos"]["g1"] for p in points),
+        f"g{ks[-1]} worse than g1": statistics.fmean(p["cos"][f"g{ks[-1]}"] < p["cos"]["g1"] for p in points),
+        f"xsam{ks[-1]} beats g{ks[-1]}": statistics.fmean(p["cos"][f"xsam{ks[-1]}"] > p["cos"][f"g{ks[-1]}"] for p in points),
+    }
+    return {"mean": mean, "fraction_of_batches": wins}
+
+
+def table(rows: list[tuple[int, list[dict]]], names: list[str], kind: str) -> str:
+    header = "| step | " + " | ".join(names) + " |"
+    lines = [header, "| ---: |" + " ---: |" * len(names)]
+    for step, points in rows:
+        values = [statistics.fmean(p[kind][n] for p in points) for n in names]
+        lines.append(f"| {step} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def report(task_name: str, run: dict, rows: list[tuple[int, list[dict]]], ks: list[int], summary: dict) -> str:
+    names = ["g0", "g1", "xsam1", "xsam1@rho"] + [f"g{k}" for k in ks[1:]] + [f"xsam{k}" for k in ks[1:]]
+    lines = [f"### {task_name}: {run['steps']} steps, eval loss {run['eval_loss']:.3f}", ""]
+    lines.append("| step | L0 | L(ball max) - L0 | searched alpha (k=1) | theta (k=1, deg) |")
+    lines.append("| ---: | ---: | ---: | ---: | ---: |")
+    for step, points in rows:
+        lines.append(
+            f"| {step} | {statistics.fmean(p['loss0'] for p in points):.4f} | "
+            f"{statistics.fmean(p['loss_max'] - p['loss0'] for p in points):.4f} | "
+            + ", ".join(f"{p['search']['xsam1']['alpha']:g}" for p in points)
+            + f" | {statistics.fmean(p['search']['xsam1']['theta'] for p in points):.1f} |"
+        )
+    lines += ["", "Cosine with the direction to the ball maximum:", "", table(rows, names, "cos")]
+    lines += ["", "Share of the ball's loss rise reached at radius rho:", "", table(rows, names, "share")]
+    lines += ["", "Fraction of (checkpoint, batch) pairs where:"]
+    lines += [f"- {claim}: {value:.2f}" for claim, value in summary["fraction_of_batches"].items()]
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--rho", type=float, default=0.05, help="training rho, and the ball measured")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10], help="ascent steps compared (first = 1)")
+    parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints, evenly spaced, first and last included")
+    parser.add_argument("--batches", type=int, default=3, help="training batches measured per checkpoint")
+    parser.add_argument("--starts", type=int, default=3, help="ascent starts for the ball maximum (zero + random)")
+    parser.add_argument("--pga-steps", type=int, default=80, help="projected ascent steps per start")
+    parser.add_argument("--landscape", metavar="DIR", help="draw landscape_<task>.png into DIR")
+    parser.add_argument("--landscape-checkpoint", type=int, default=1, help="index of the checkpoint drawn")
+    parser.add_argument("--landscape-points", type=int, default=41, help="grid points per side")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write all results to this JSON file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.ks[0] != 1:
+        raise ValueError(f"Invalid --ks {args.ks}: the first must be 1 (SAM's g1 and XSAM's k = 1)")
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    results = {"settings": vars(args), "tasks": {}}
+    for task_name in args.tasks:
+        task = build_task(task_name, "small", args.seed)
+        weights, run = train(task, args.rho, args.checkpoints, args.seed)
+        model = task.model.eval()
+        batch_size = TRAINING[task_name][2]
+        rows, pictures = [], []
+        for index, (step, state) in enumerate(sorted(weights.items())):
+            model.load_state_dict(state)
+            points = []
+            for b in range(args.batches):
+                probe = LossProbe(model, task.batch(batch_size, offset=b * batch_size))
+                point = measure(probe, args.rho, args.ks, args.starts, args.pga_steps, args.seed + b)
+                if args.landscape and index == args.landscape_checkpoint and b == 0:
+                    os.makedirs(args.landscape, exist_ok=True)
+                    path = os.path.join(args.landscape, f"landscape_{task_name}.png")
+                    title = f"{task_name}: batch loss around w0 at step {step} (rho = {args.rho:g})"
+                    pictures.append(landscape(probe, point, args.rho, args.landscape_points, path, title))
+                del point["directions"], point["e_max"]
+                points.append(point)
+            rows.append((step, points))
+        summary = summarise([p for _, points in rows for p in points], args.ks)
+        results["tasks"][task_name] = {"run": run, "checkpoints": dict(rows), "summary": summary, "landscape": pictures}
+        print(report(task_name, run, rows, args.ks, summary), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
