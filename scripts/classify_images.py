@@ -76,6 +76,7 @@ EMBEDDED_DEFAULTS = {
     "eval_strategy": "epoch",
     "save_strategy": "no",
     "rho": 0.05,
+    "image_size": 16,
     "min_crop_scale": 0.7,
     "horizontal_flip": False,
 }

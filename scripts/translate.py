@@ -62,7 +62,7 @@ from _common import (
 
 logger = logging.getLogger(__name__)
 
-SCRATCH_MODELS = {"marian": (MarianConfig, MarianMTModel), "t5": (T5Config, T5ForConditionalGeneration)}
+SCRATCH_MODELS = {"marian": MarianMTModel, "t5": T5ForConditionalGeneration}
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: T5's convention, also used for Marian
 # without any of these options the script runs on its embedded corpus and model, with EMBEDDED_DEFAULTS
 DATA_AND_MODEL_OPTIONS = {"model_name_or_path", "dataset_name", "train_file", "validation_file", "test_file"}
@@ -76,7 +76,7 @@ EMBEDDED_DEFAULTS = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
     "weight_decay": 0.01,
-    "num_train_epochs": 8,
+    "num_train_epochs": 3,
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 128,
     "logging_steps": 50,
@@ -153,7 +153,7 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test examples."})
-    num_embedded_train: int = field(default=20000, metadata={"help": "Embedded corpus: training pairs."})
+    num_embedded_train: int = field(default=10000, metadata={"help": "Embedded corpus: training pairs."})
     num_embedded_eval: int = field(default=500, metadata={"help": "Embedded corpus: held-out pairs."})
 
     def __post_init__(self) -> None:
@@ -192,10 +192,12 @@ def number_corpus(num_train: int, num_eval: int, seed: int = 0) -> DatasetDict:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
-    """A BPE tokenizer (SentencePiece-style spaces) trained on ``texts``; every sequence ends with ``</s>``."""
+    """A BPE tokenizer (SentencePiece-style spaces, punctuation split off) trained on ``texts``; every sequence
+    ends with ``</s>``."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    # punctuation apart, so that "twenty-one" is "twenty", "-", "one" rather than one more word to learn
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
     eos_id = tokenizer.token_to_id("</s>")
@@ -229,6 +231,7 @@ def scratch_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase
             decoder_ffn_dim=model_args.ffn_dim,
             dropout=model_args.dropout,
             max_position_embeddings=max_length,
+            scale_embedding=True,  # as in the released Marian models: token embeddings on the scale of positions
             share_encoder_decoder_embeddings=True,
         )
     else:
@@ -242,7 +245,7 @@ def scratch_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase
             num_heads=model_args.num_heads,
             dropout_rate=model_args.dropout,
         )
-    return SCRATCH_MODELS[model_args.model_type][1](config)
+    return SCRATCH_MODELS[model_args.model_type](config)
 
 
 def language_keys(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[str, str, str | None]:

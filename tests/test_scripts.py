@@ -178,7 +178,7 @@ def parse(argv):
 
 def test_embedded_defaults_apply_without_data_or_model_flags_and_yield_to_explicit_ones(tmp_path):
     _, _, args = parse(["--output_dir", tmp_path, "--learning_rate", "0.01"])
-    assert args.do_train and args.predict_with_generate and args.num_train_epochs == 8
+    assert args.do_train and args.predict_with_generate and args.num_train_epochs == 3
     assert args.learning_rate == 0.01
     _, _, args = parse(["--output_dir", tmp_path, "--train_file", "x.jsonl"])
     assert not args.do_train and args.learning_rate == 5e-5 and args.num_train_epochs == 3
