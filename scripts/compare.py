@@ -97,16 +97,17 @@ def main() -> None:
     task = TASKS[options.task]
     extra = [arg for arg in options.extra if arg != "--"]
     output_dir = Path(options.output_dir or f"runs/compare-{options.task}")
+    command = " ".join(["python", "scripts/compare.py", *sys.argv[1:]])
     results = []
     for seed in options.seeds:
         for method in options.methods:
             result = run_one(task, options.data_dir, method, seed, extra, output_dir / f"{method}-seed{seed}")
             print(json.dumps(result), flush=True)
             results.append(result)
-    summary = table(results, task["metrics"], options.methods)
-    command = " ".join(["python", "scripts/compare.py", *sys.argv[1:]])
-    (output_dir / "results.json").write_text(json.dumps({"command": command, "runs": results}, indent=2))
-    (output_dir / "results.md").write_text(f"`{command}`\n\n{summary}\n")
+            # the summary so far, so that an interrupted study still has its table
+            summary = table(results, task["metrics"], [m for m in options.methods if any(r["method"] == m for r in results)])
+            (output_dir / "results.json").write_text(json.dumps({"command": command, "runs": results}, indent=2))
+            (output_dir / "results.md").write_text(f"`{command}`\n\n{summary}\n")
     print(summary)
 
 
