@@ -136,8 +136,9 @@ def xsam_section(
             "| step | epoch | loss | sharpness | alpha | theta (deg) |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
+        keys = ("step", "epoch", "loss", "xsam/sharpness", "xsam/alpha", "xsam/theta")
         for log in _evenly(train_logs, MAX_ROWS):
-            cells = [log.get(key, "") for key in ("step", "epoch", "loss", "xsam/sharpness", "xsam/alpha", "xsam/theta")]
+            cells = [log.get(key, "") for key in keys]
             lines.append("| " + " | ".join(_fmt(cell) for cell in cells) + " |")
     elif method != "none":
         lines.append("No training step was logged, so there are no XSAM figures.")

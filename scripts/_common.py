@@ -53,7 +53,9 @@ def parse_arguments(
         parsed = parser.parse_dict(values)
     else:
         given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-        if not any(given & set(action.option_strings) for action in parser._actions if action.dest in data_and_model_options):
+        actions = [action for action in parser._actions if action.dest in data_and_model_options]
+        flags = {flag for action in actions for flag in action.option_strings}
+        if not given & flags:
             parser.set_defaults(**embedded_defaults)
         parsed = parser.parse_args_into_dataclasses(args=argv)
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -59,7 +59,8 @@ from _common import (
 logger = logging.getLogger(__name__)
 
 # without any of these options the script runs on its embedded data and model, with EMBEDDED_DEFAULTS
-DATA_AND_MODEL_OPTIONS = {"model_name_or_path", "dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
+DATA_OPTIONS = {"dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
+DATA_AND_MODEL_OPTIONS = DATA_OPTIONS | {"model_name_or_path"}
 EMBEDDED_DATASET = "scikit-learn digits (8x8)"
 EMBEDDED_DEFAULTS = {
     "output_dir": "xsam-vit-digits",
@@ -98,7 +99,7 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
     ignore_mismatched_sizes: bool = field(
         default=False,
-        metadata={"help": "Load a checkpoint whose classifier has another number of labels (the head is re-initialised)."},
+        metadata={"help": "Load a checkpoint whose classifier has another number of labels (with a new head)."},
     )
     image_size: int = field(default=32, metadata={"help": "From scratch: input resolution of the ViT."})
     patch_size: int = field(default=4, metadata={"help": "From scratch: patch size."})
@@ -115,9 +116,9 @@ class DataTrainingArguments:
 
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset on the Hub (datasets library)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
-    train_dir: str | None = field(default=None, metadata={"help": "Training images, one folder per class (imagefolder)."})
+    train_dir: str | None = field(default=None, metadata={"help": "Training images, one folder per class."})
     validation_dir: str | None = field(default=None, metadata={"help": "Validation images, one folder per class."})
-    train_file: str | None = field(default=None, metadata={"help": "Training data: parquet or JSON lines (Hub layout)."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: parquet or JSON lines."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation data: parquet or JSON lines."})
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images (or their paths)."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
@@ -128,14 +129,16 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
     min_crop_scale: float = field(
         default=0.08,
-        metadata={"help": "Random resized crop of training images: smallest area kept, as a fraction (1 turns it off)."},
+        metadata={"help": "Random resized crop of training images: smallest area kept (1 turns it off)."},
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Flip training images left-right at random."})
 
     def __post_init__(self) -> None:
         sources = [self.dataset_name, self.train_dir or self.validation_dir, self.train_file or self.validation_file]
         if sum(source is not None for source in sources) > 1:
-            raise ValueError("Give one data source: --dataset_name, --train_dir/--validation_dir or --train_file/--validation_file")
+            raise ValueError(
+                "Give one data source: --dataset_name, --train_dir/--validation_dir or --train_file/--validation_file"
+            )
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
             if path is not None and path.rsplit(".", 1)[-1] not in ("parquet", "json", "jsonl"):
@@ -145,7 +148,7 @@ class DataTrainingArguments:
 
     @property
     def embedded(self) -> bool:
-        return not (self.dataset_name or self.train_dir or self.validation_dir or self.train_file or self.validation_file)
+        return not any(getattr(self, name) for name in DATA_OPTIONS)
 
 
 def digits_dataset(num_eval: int = 300, seed: int = 0) -> DatasetDict:
@@ -153,7 +156,7 @@ def digits_dataset(num_eval: int = 300, seed: int = 0) -> DatasetDict:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = [PILImage.fromarray((image * 255 / 16).round().astype(np.uint8), mode="L") for image in digits.images]
+    images = [PILImage.fromarray((image * 255 / 16).round().astype(np.uint8)) for image in digits.images]
     features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
     data = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
     split = data.train_test_split(test_size=num_eval, seed=seed, stratify_by_column="label")
@@ -165,24 +168,24 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     if data_args.embedded:
         return digits_dataset(seed=seed)
     if data_args.dataset_name is not None:
-        return load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
-        )
+        hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     if data_args.train_dir or data_args.validation_dir:
         folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
         files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder}
         return load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
     files = {"train": data_args.train_file, "validation": data_args.validation_file}
     files = {split: path for split, path in files.items() if path}
-    extension = next(iter(files.values())).rsplit(".", 1)[-1]
-    return load_dataset("parquet" if extension == "parquet" else "json", data_files=files, cache_dir=model_args.cache_dir)
+    builder = "parquet" if next(iter(files.values())).endswith(".parquet") else "json"
+    return load_dataset(builder, data_files=files, cache_dir=model_args.cache_dir)
 
 
 def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> DatasetDict:
     """Check the image and label columns; image paths become images and raw labels become class labels."""
     some_split = next(iter(dataset.values()))
     columns = some_split.column_names
-    for flag, column in (("image_column_name", data_args.image_column_name), ("label_column_name", data_args.label_column_name)):
+    for flag in ("image_column_name", "label_column_name"):
+        column = getattr(data_args, flag)
         if column not in columns:
             raise ValueError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
     image_column = data_args.image_column_name
@@ -280,7 +283,10 @@ def main() -> None:
                 "head; use a vision model such as ViT, DeiT, BEiT, Swin or ConvNeXT"
             )
         model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub,
         )
         image_processor = AutoImageProcessor.from_pretrained(
             model_args.image_processor_name or model_args.model_name_or_path, backend="pil", **hub
@@ -307,7 +313,8 @@ def main() -> None:
     for split, limit in limits.items():
         if split in dataset:
             if limit is not None:
-                dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(min(limit, len(dataset[split]))))
+                shuffled = dataset[split].shuffle(seed=training_args.seed)
+                dataset[split] = shuffled.select(range(min(limit, len(shuffled))))
             dataset[split].set_transform(partial(transform, train=split == "train"))
     training_args.remove_unused_columns = False  # the transforms need the image column, unknown to the model
 

@@ -101,7 +101,7 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
     model_type: str = field(
         default="marian",
-        metadata={"help": "Architecture built from a config without --model_name_or_path.", "choices": list(SCRATCH_MODELS)},
+        metadata={"help": "From scratch: the architecture built from a config.", "choices": list(SCRATCH_MODELS)},
     )
     vocab_size: int = field(default=8000, metadata={"help": "From scratch: size of the tokenizer trained on the data."})
     d_model: int = field(default=128, metadata={"help": "From scratch: hidden size."})
@@ -125,10 +125,10 @@ class DataTrainingArguments:
     target_lang: str | None = field(default=None, metadata={"help": "Target language, as --source_lang. Embedded: fr."})
     source_lang_code: str | None = field(
         default=None,
-        metadata={"help": "Language code of multilingual tokenizers (mBART en_XX, NLLB eng_Latn); default --source_lang."},
+        metadata={"help": "Multilingual tokenizers: source code (mBART en_XX, NLLB eng_Latn); default --source_lang."},
     )
     target_lang_code: str | None = field(
-        default=None, metadata={"help": "Target language code of multilingual tokenizers; default --target_lang."}
+        default=None, metadata={"help": "Multilingual tokenizers: target code; default --target_lang."}
     )
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset on the Hub (datasets library)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
@@ -144,7 +144,9 @@ class DataTrainingArguments:
         metadata={"help": "Target length for evaluation, and `max_length` of generation; default --max_target_length."},
     )
     num_beams: int | None = field(default=None, metadata={"help": "Beams of `generate` in evaluation and prediction."})
-    source_prefix: str | None = field(default=None, metadata={"help": "Text put before every source (T5: 'translate English to French: ')."})
+    source_prefix: str | None = field(
+        default=None, metadata={"help": "Text put before every source (T5: 'translate English to French: ')."}
+    )
     forced_bos_token: str | None = field(
         default=None,
         metadata={"help": "Token forced first in generation; default the target code for mBART-50, M2M100 and NLLB."},
@@ -204,9 +206,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", eos_id)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=model_max_length
-    )
+    special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **special)
 
 
 def scratch_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PreTrainedModel:
@@ -311,17 +312,14 @@ def main() -> None:
     set_seed(training_args.seed)
 
     # 5. Data
+    hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     if data_args.embedded:
         raw_datasets = number_corpus(data_args.num_embedded_train, data_args.num_embedded_eval, seed=training_args.seed)
     elif data_args.dataset_name is not None:
-        raw_datasets = load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
-        )
+        raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     else:
         files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
-        raw_datasets = load_dataset(
-            "json", data_files={k: v for k, v in files.items() if v}, cache_dir=model_args.cache_dir
-        )
+        raw_datasets = load_dataset("json", data_files={k: v for k, v in files.items() if v}, **hub)
     wanted = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
     splits = {split: raw_datasets.get(split) for split, flag in wanted.items() if getattr(training_args, flag)}
     for split, dataset in splits.items():
@@ -329,7 +327,11 @@ def main() -> None:
             raise ValueError(f"--{wanted[split]} needs a {split!r} split; the data has {', '.join(raw_datasets)}")
     if not splits:
         raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict")
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_predict_samples,
+    }
     splits = {k: v.select(range(min(len(v), limits[k]))) if limits[k] is not None else v for k, v in splits.items()}
     source_key, target_key, column = language_keys(next(iter(splits.values())), data_args)
 
@@ -344,14 +346,15 @@ def main() -> None:
     if model_args.model_name_or_path is None:
         tokenizer_source = model_args.tokenizer_name or last_checkpoint
         if tokenizer_source is not None:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, cache_dir=model_args.cache_dir, token=model_args.token)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub)
         elif "train" not in splits:
             raise ValueError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
         else:
             # one process trains it, the others load its copy: every process must use the same vocabulary
             with training_args.main_process_first(desc="training the tokenizer", local=False):
                 if training_args.process_index == 0:
-                    texts = [text for batch in splits["train"].iter(batch_size=1000) for side in pairs(batch) for text in side]
+                    batches = splits["train"].iter(batch_size=1000)
+                    texts = [text for batch in batches for side in pairs(batch) for text in side]
                     tokenizer = train_tokenizer(texts, model_args.vocab_size, max_length)
                     tokenizer.save_pretrained(training_args.output_dir)
                 else:
@@ -362,28 +365,16 @@ def main() -> None:
         model.config._name_or_path = training_args.output_dir
         logger.info(f"Built a {model_args.model_type} model from a config: {model.num_parameters():,} parameters")
     else:
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
-        )
+        hub["revision"] = model_args.model_revision
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
         if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
             raise ValueError(
                 f"{model_args.model_name_or_path} is a {config.model_type!r} model (architectures: "
                 f"{', '.join(config.architectures or ['unknown'])}) without a sequence-to-sequence head; translation "
                 "needs an encoder-decoder model such as Marian, T5/mT5, BART/mBART or NLLB"
             )
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name or model_args.model_name_or_path,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.token,
-        )
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.token,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         if hasattr(tokenizer, "set_src_lang_special_tokens"):

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import BertConfig, BertForSequenceClassification
@@ -18,6 +19,15 @@ LOGS = [
     {"step": 8, "epoch": 2.0, "loss": 1.0, "xsam/alpha": 1.6, "xsam/theta": 30.0, "xsam/sharpness": 0.1},
 ]
 STATE = {"alpha": 1.6, "search_history": [{"alpha": 1.0, "step": 0}, {"alpha": 1.6, "step": 4}]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one thread is as fast, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_trainer(tmp_path, **overrides):
@@ -87,8 +97,9 @@ def test_trainer_card_of_the_baseline(tmp_path):
 @pytest.mark.parametrize("method", ["sam", "xsam"])
 def test_template_renders_a_card_with_the_section(method):
     data = ModelCardData(library_name="transformers", tags=XSAM_TAGS, license="apache-2.0")
+    section = xsam_section({"sam_method": method}, LOGS, STATE)
     card = ModelCard.from_template(data, template_path=str(TEMPLATE), model_name="my-model",
-                                   model_summary="A model.", xsam_section=xsam_section({"sam_method": method}, LOGS, STATE))
+                                   model_summary="A model.", xsam_section=section)
     parsed = ModelCard(str(card))
     assert parsed.data.tags == XSAM_TAGS and parsed.data.library_name == "transformers"
     assert "# my-model" in parsed.text and f"| sam_method | {method} |" in parsed.text
