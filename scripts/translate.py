@@ -177,8 +177,11 @@ def number_corpus(num_train: int, num_eval: int, seed: int = 0) -> DatasetDict:
     """English and French number words of distinct numbers below one million, drawn log-uniformly.
 
     Example:
-        >>> number_corpus(2, 1)["validation"][0]["translation"]  # doctest: +SKIP
-        {'en': 'four thousand, three hundred and twenty-one', 'fr': 'quatre mille trois cent vingt et un'}
+        >>> corpus = number_corpus(3, 1)
+        >>> corpus["train"].num_rows, corpus["validation"].num_rows
+        (3, 1)
+        >>> sorted(corpus["validation"][0]["translation"])
+        ['en', 'fr']
     """
     if num_train + num_eval > 500_000:
         raise ValueError(f"The number corpus holds at most 500000 pairs, asked for {num_train + num_eval}")

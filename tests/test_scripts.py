@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,10 @@ from transformers import (
     BertConfig,
     BertModel,
     HfArgumentParser,
+    M2M100Config,
+    M2M100ForConditionalGeneration,
+    MBartTokenizer,
+    NllbTokenizer,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessorPil,
@@ -140,6 +145,37 @@ def test_translate_fine_tunes_a_checkpoint_on_one_column_per_language(tmp_path, 
         "--output_dir", tmp_path / "out", *COMMON)
     assert "eval_chrf" in read_json(tmp_path / "out" / "eval_results.json")
     assert "| sam_method | none |" in ModelCard.load(tmp_path / "out" / "README.md").text
+
+
+def test_translate_fine_tunes_an_nllb_style_model_with_language_codes(tmp_path, monkeypatch):
+    files = translation_files(tmp_path)
+    tokenizer = NllbTokenizer()  # special tokens and language codes only: enough to run the path offline
+    M2M100ForConditionalGeneration(M2M100Config(
+        vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=2,
+    )).save_pretrained(tmp_path / "nllb")  # fmt: skip
+    tokenizer.save_pretrained(tmp_path / "nllb")
+    run(translate, monkeypatch, "--model_name_or_path", tmp_path / "nllb", "--train_file", files["train"],
+        "--validation_file", files["validation"], "--source_lang", "en", "--target_lang", "fr",
+        "--source_lang_code", "eng_Latn", "--target_lang_code", "fra_Latn", "--do_train", "--do_eval",
+        "--predict_with_generate", "--max_steps", 1, "--max_target_length", 8, "--output_dir", tmp_path / "out",
+        *COMMON)
+    generation = read_json(tmp_path / "out" / "generation_config.json")
+    assert generation["forced_bos_token_id"] == tokenizer.convert_tokens_to_ids("fra_Latn")
+
+
+def test_language_codes_are_checked_and_mbart_starts_with_the_target_code():
+    data_args = translate.DataTrainingArguments(source_lang="en", target_lang="fr")
+    with pytest.raises(ValueError, match=r"NllbTokenizer needs language codes, and 'en' is not one of its tokens: "
+                                         r"pass --source_lang_code"):
+        translate.set_language_codes(None, NllbTokenizer(), data_args)
+
+    tokenizer, model = MBartTokenizer(), SimpleNamespace(config=SimpleNamespace(decoder_start_token_id=None))
+    data_args = translate.DataTrainingArguments(source_lang="en_XX", target_lang="fr_XX")
+    assert translate.set_language_codes(model, tokenizer, data_args) is None  # mBART-cc25 forces nothing
+    assert (tokenizer.src_lang, tokenizer.tgt_lang) == ("en_XX", "fr_XX")
+    assert model.config.decoder_start_token_id == tokenizer.convert_tokens_to_ids("fr_XX")
 
 
 def bert_checkpoint(path):
