@@ -42,10 +42,15 @@ def parse_arguments(
     """Parse the command line, or a JSON file given as the only argument, into the parser's dataclasses.
 
     When none of ``data_and_model_options`` is given, the script runs on its embedded data and model, and
-    ``embedded_defaults`` replace the dataclass defaults; options given explicitly still win. A multi-process
-    launch that transformers would not set up as data parallel (CPU without ``--use_cpu``) is refused.
+    ``embedded_defaults`` replace the dataclass defaults; options given explicitly still win (``--help`` shows
+    the dataclass defaults and lists the embedded ones after the options). A multi-process launch that
+    transformers would not set up as data parallel (CPU without ``--use_cpu``) is refused.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser.epilog = (
+        f"With none of {', '.join('--' + name for name in sorted(data_and_model_options))}, the script runs on its "
+        f"embedded data, with these defaults: {', '.join(f'--{k} {v}' for k, v in embedded_defaults.items())}."
+    )
     if len(argv) == 1 and argv[0].endswith(".json"):
         values = json.loads(Path(argv[0]).read_text())
         if not data_and_model_options & values.keys():
@@ -55,7 +60,7 @@ def parse_arguments(
         given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
         actions = [action for action in parser._actions if action.dest in data_and_model_options]
         flags = {flag for action in actions for flag in action.option_strings}
-        if not given & flags:
+        if not given & (flags | {"-h", "--help"}):
             parser.set_defaults(**embedded_defaults)
         parsed = parser.parse_args_into_dataclasses(args=argv)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
