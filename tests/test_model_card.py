@@ -1,5 +1,6 @@
 """The XSAM section of model cards: built from plain values, added by the trainer, and the Jinja template."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.model_card import SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
 
-TEMPLATE = Path(__file__).parent.parent / "model_cards" / "template.md"
+ROOT = Path(__file__).parent.parent
+TEMPLATE = ROOT / "model_cards" / "template.md"
 
 LOGS = [
     {"step": 2, "epoch": 0.5, "loss": 2.0, "xsam/alpha": 1.0, "xsam/theta": 20.0, "xsam/sharpness": 0.3},
@@ -103,3 +105,12 @@ def test_template_renders_a_card_with_the_section(method):
     parsed = ModelCard(str(card))
     assert parsed.data.tags == XSAM_TAGS and parsed.data.library_name == "transformers"
     assert "# my-model" in parsed.text and f"| sam_method | {method} |" in parsed.text
+
+
+def test_readme_card_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", readme.split("## Model cards", 1)[1], re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example.replace("model_cards/template.md", str(TEMPLATE)), "README card example", "exec"), {})
+    card = ModelCard.load(tmp_path / "my-model" / "README.md")
+    assert set(XSAM_TAGS) <= set(card.data.tags) and "Final alpha: 1.3" in card.text
