@@ -145,7 +145,8 @@ def engine_direction(
     for p in probe.params:
         p.grad = None
     stats = engine.step(forward_backward, probe.forward_loss, step=step)
-    direction = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).float() for p in probe.params])
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in probe.params]
+    direction = torch.cat([g.reshape(-1).float() for g in grads])
     for p in probe.params:
         p.grad = None
     return direction, engine, stats

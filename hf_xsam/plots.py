@@ -152,7 +152,8 @@ def plot_landscape(
     fig.colorbar(filled, ax=ax, label="batch loss")
     angles = np.linspace(0, 2 * np.pi, 200)
     for i, (label, radius) in enumerate(circles.items()):
-        ax.plot(radius * np.cos(angles), radius * np.sin(angles), ls=("--", ":")[i % 2], color="white", lw=1, label=label)
+        circle = radius * np.cos(angles), radius * np.sin(angles)
+        ax.plot(*circle, ls=("--", ":")[i % 2], color="white", lw=1, label=label)
     for i, (label, (x, y)) in enumerate(arrows.items()):
         color = f"C{i}"
         ax.annotate("", xy=(x, y), xytext=(0, 0), arrowprops={"arrowstyle": "-|>", "color": color, "lw": 2})
@@ -166,7 +167,8 @@ def plot_landscape(
     ax.set_xlabel("along v0 (ascent direction)")
     ax.set_ylabel("along v1, orthogonalised")
     ax.set_title(title)
-    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
+    # a dark legend, so that the white circles and points show in it as on the slice
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small", facecolor="0.3", labelcolor="white")
     fig.savefig(path, dpi=120)
 
 
@@ -221,5 +223,7 @@ class XSAMPlotCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._save(args, state)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._save(args, state)

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ class Runner:
     passes: int
     accumulation: int
     steps: int
+    before_optimizer: Callable[[], None] | None = None
 
     def unit(self) -> None:
         """What the Trainer's inner loop does for ``self.steps`` optimizer steps."""
@@ -103,6 +105,8 @@ class Runner:
                 trainer.accelerator.gradient_state._set_sync_gradients(micro == self.accumulation - 1)
                 for _ in range(self.passes):
                     trainer.training_step(model, self.batch)
+            if self.before_optimizer is not None:
+                self.before_optimizer()
             with record_function("optimizer"):
                 trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
                 trainer.optimizer.step()
@@ -220,26 +224,42 @@ def live_tensor_bytes(trainer: Trainer) -> int:
 
 
 def memory_child(task_name: str, size: str, name: str, seed: int) -> dict:
-    """Runs in a fresh process: a few units of one configuration, then its memory figures."""
+    """Runs in a fresh process: a few units of one configuration, then its memory figures.
+
+    Live tensor bytes are sampled between steps (what persists), and at the start of every pass and
+    before every optimizer step (what lives while parameter-sized buffers are busy, e.g. during a search).
+    """
     task = build_task(task_name, size, seed)
     with tempfile.TemporaryDirectory() as tmp:
         runner = make_runner(task, name, tmp)
-        device = runner.trainer.args.device
+        trainer, device = runner.trainer, runner.trainer.args.device
         runner.unit()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        live = 0
+        between, during = 0, 0
+
+        def sample() -> None:
+            nonlocal during
+            during = max(during, live_tensor_bytes(trainer))
+
+        def sampled_compute_loss(*args, **kwargs):
+            sample()
+            return compute_loss(*args, **kwargs)
+
+        compute_loss = trainer.compute_loss
+        trainer.compute_loss = sampled_compute_loss  # every pass and every search forward goes through it
+        runner.before_optimizer = sample
         for _ in range(3):
             runner.unit()
             gc.collect()
-            live = max(live, live_tensor_bytes(runner.trainer))
-        parameters = [p for p in runner.trainer.model.parameters() if p.requires_grad]
-        parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
+            between = max(between, live_tensor_bytes(trainer))
+        parameters = [p for p in trainer.model.parameters() if p.requires_grad]
         return {
             "config": name,
-            "parameter_bytes": parameter_bytes,
-            "live_tensor_bytes": live,
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in parameters),
+            "live_tensor_bytes": between,
+            "live_tensor_bytes_in_step": max(during, between),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         }
@@ -257,16 +277,20 @@ def measure_memory(task_name: str, size: str, seed: int, threads: int) -> dict[s
 
 def summarise_memory(memory: dict[str, dict]) -> dict:
     parameter_bytes = memory["base"]["parameter_bytes"]
-    peak_key = "cuda_max_allocated_bytes" if memory["base"]["cuda_max_allocated_bytes"] is not None else "peak_rss_bytes"
+    on_cuda = memory["base"]["cuda_max_allocated_bytes"] is not None
+    peak_key = "cuda_max_allocated_bytes" if on_cuda else "peak_rss_bytes"
     rows = {}
     for name, figures in memory.items():
         base = memory["base-ga2" if name.endswith("ga2") else "base"]
         extra = figures["live_tensor_bytes"] - base["live_tensor_bytes"]
+        extra_in_step = figures["live_tensor_bytes_in_step"] - base["live_tensor_bytes_in_step"]
         rows[name] = {
             "peak_bytes": figures[peak_key],
             "peak_extra_bytes": figures[peak_key] - base[peak_key],
             "live_extra_bytes": extra,
             "live_extra_parameter_copies": extra / parameter_bytes,
+            "live_extra_bytes_in_step": extra_in_step,
+            "live_extra_parameter_copies_in_step": extra_in_step / parameter_bytes,
         }
     return {"parameter_bytes": parameter_bytes, "peak": peak_key, "configs": rows}
 
@@ -354,13 +378,15 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, threa
             "",
             f"Trainable parameters: {memory['parameter_bytes'] / mib:.2f} MiB; peak = {memory['peak']}.",
             "",
-            "| config | peak MiB | peak - base MiB | live extra MiB | live extra / parameters |",
+            "| config | peak MiB | peak - base MiB | extra between steps MiB (parameter copies) "
+            "| extra within a step MiB (parameter copies) |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
         for name, row in memory["configs"].items():
             lines.append(
                 f"| {name} | {row['peak_bytes'] / mib:.1f} | {row['peak_extra_bytes'] / mib:.1f} | "
-                f"{row['live_extra_bytes'] / mib:.2f} | {row['live_extra_parameter_copies']:.2f} |"
+                f"{row['live_extra_bytes'] / mib:.2f} ({row['live_extra_parameter_copies']:.2f}) | "
+                f"{row['live_extra_bytes_in_step'] / mib:.2f} ({row['live_extra_parameter_copies_in_step']:.2f}) |"
             )
     return "\n".join(lines)
 
@@ -396,7 +422,9 @@ def main() -> None:
         task = build_task(task_name, args.size, args.seed)
         times = time_task(task, args.rounds, args.warmup, args.seed, args.clock)
         timing = summarise_times(times, args.search_every)
-        memory = None if args.no_memory else summarise_memory(measure_memory(task_name, args.size, args.seed, args.threads))
+        memory = None
+        if not args.no_memory:
+            memory = summarise_memory(measure_memory(task_name, args.size, args.seed, args.threads))
         results["tasks"][task_name] = {"timing": timing, "memory": memory}
         if args.profile:
             results["tasks"][task_name]["profile"] = profile_step(task, steps=10)

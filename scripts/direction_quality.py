@@ -13,8 +13,9 @@ training batches (model in eval mode, so the loss is a function of the weights a
 - for each: its cosine with ``e*`` and the share of the ball's loss rise it reaches at radius rho,
   ``(L(w0 + rho d/||d||) - L0) / (L(w0 + e*) - L0)``.
 
-With ``--landscape DIR`` it also draws the loss in the plane of ``v0 = g0/||g0||`` and ``v1 = g1/||g1||``
-at one checkpoint, with g0, g1, XSAM's direction and the projected ball maximum (the paper's Figure 1).
+The ball radius (and the XSAM engine's rho) is the training rho, or each of ``--radii``. With
+``--landscape DIR`` it also draws the loss in the plane of ``v0 = g0/||g0||`` and ``v1 = g1/||g1||`` at
+one checkpoint, with g0, g1, XSAM's direction and the projected ball maximum (the paper's Figure 1).
 
 Usage:
     python scripts/direction_quality.py --json direction_quality.json --landscape pictures
@@ -39,8 +40,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from toy_tasks import TASKS, Task, build_task  # noqa: E402
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments  # noqa: E402
-from hf_xsam.diagnostics import LossProbe, ball_maximum, cosine, engine_direction, plane_basis, plane_slice  # noqa: E402
-from hf_xsam.plots import plot_landscape  # noqa: E402
+from hf_xsam.diagnostics import (  # noqa: E402
+    LossProbe,
+    ball_maximum,
+    cosine,
+    engine_direction,
+    plane_basis,
+    plane_slice,
+)
+from hf_xsam.plots import XSAMPlotCallback, plot_landscape  # noqa: E402
 
 TRAINING = {  # learning rate, epochs, batch size
     "vit": (2e-3, 15, 64),
@@ -66,14 +74,18 @@ class KeepWeights(TrainerCallback):
         self._keep(state, model)
 
 
-def train(task: Task, rho: float, checkpoints: int, seed: int) -> tuple[dict[int, dict], dict]:
-    """Trains with XSAM and returns the kept weights by step and the run's figures."""
+def train(task: Task, rho: float, checkpoints: int, seed: int, pictures: str | None) -> tuple[dict[int, dict], dict]:
+    """Trains with XSAM and returns the kept weights by step and the run's figures.
+
+    With ``pictures``, the run's alpha-search and alpha PNGs (:class:`~hf_xsam.plots.XSAMPlotCallback`) go to
+    ``pictures/<task>/``.
+    """
     lr, epochs, batch_size = TRAINING[task.name]
     total = epochs * math.ceil(len(task.train) / batch_size)
     keep = KeepWeights([round(i * total / (checkpoints - 1)) for i in range(checkpoints)])
     with tempfile.TemporaryDirectory() as tmp:
         args = XSAMTrainingArguments(
-            output_dir=tmp,
+            output_dir=os.path.join(pictures, task.name) if pictures else tmp,
             report_to="none",
             learning_rate=lr,
             num_train_epochs=epochs,
@@ -96,6 +108,7 @@ def train(task: Task, rho: float, checkpoints: int, seed: int) -> tuple[dict[int
             callbacks=[keep],
         )
         trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(XSAMPlotCallback(trainer))
         trainer.train()
         figures = {
             "steps": trainer.state.global_step,
@@ -110,8 +123,10 @@ def measure(probe: LossProbe, rho: float, ks: list[int], starts: int, pga_steps:
     loss0, g0 = probe.loss_and_grad()
     generator = torch.Generator().manual_seed(seed)
     random_starts = [torch.randn(probe.numel, generator=generator) for _ in range(starts - 1)]
-    random_starts = [0.5 * rho * e / e.norm() for e in random_starts]
-    e_max, loss_max = ball_maximum(probe.loss_and_grad, rho, [torch.zeros(probe.numel)] + random_starts, pga_steps)
+    starts_list = [torch.zeros(probe.numel)] + [0.5 * rho * e / e.norm() for e in random_starts]
+    maxima = [ball_maximum(probe.loss_and_grad, rho, [start], pga_steps) for start in starts_list]
+    best = max(range(starts), key=lambda i: maxima[i][1])
+    e_max, loss_max = maxima[best]
     directions = {"g0": g0}
     searched = {}
     for k in ks:
@@ -121,7 +136,17 @@ def measure(probe: LossProbe, rho: float, ks: list[int], starts: int, pga_steps:
     directions["xsam1@rho"], engine, _ = engine_direction(probe, rho=rho, rho_max=rho)
     searched["xsam1@rho"] = {"alpha": engine.alpha}
     rise = loss_max - loss0
-    result = {"loss0": loss0, "loss_max": loss_max, "max_norm_over_rho": float(e_max.norm()) / rho, "cos": {}, "share": {}}
+    result = {
+        "loss0": loss0,
+        "loss_max": loss_max,
+        "max_norm_over_rho": float(e_max.norm()) / rho,
+        # which start found the maximum (0 = from w0), and how far the other starts' maxima are from it
+        "best_start": best,
+        "start_losses": [loss for _, loss in maxima],
+        "start_cos_to_max": [cosine(e, e_max) for e, _ in maxima],
+        "cos": {},
+        "share": {},
+    }
     for name, d in directions.items():
         result["cos"][name] = cosine(e_max, d)
         result["share"][name] = (probe.loss(rho * d / d.norm()) - loss0) / rise
@@ -166,57 +191,105 @@ def landscape(probe: LossProbe, point: dict, rho: float, points: int, path: str,
     return {"path": path, "in_plane_share_of_max": in_plane_share, "alpha": alpha}
 
 
-def summarise(points: list[dict], ks: list[int]) -> dict:
-    """Means over batches and checkpoints, and how often each claim holds."""
+def summarise(rows: list[tuple[int, list[dict]]], ks: list[int]) -> dict:
+    """Means over the checkpoints after the first (the initial weights are a case apart) and their batches,
+    and the fraction of those (checkpoint, batch) pairs where each claim holds, judged by the cosine."""
+    points = [p for step, batch_points in rows[1:] for p in batch_points]
     names = list(points[0]["cos"])
     mean = {kind: {n: statistics.fmean(p[kind][n] for p in points) for n in names} for kind in ("cos", "share")}
-    wins = {
-        "g1 beats g0": statistics.fmean(p["cos"]["g1"] > p["cos"]["g0"] for p in points),
-        "xsam1 beats g1": statistics.fmean(p["cos"]["xsam1"] > p["cos"]["g1"] for p in points),
-        f"g{ks[-1]} worse than g1": statistics.fmean(p["cos"][f"g{ks[-1]}"] < p["cos"]["g1"] for p in points),
-        f"xsam{ks[-1]} beats g{ks[-1]}": statistics.fmean(p["cos"][f"xsam{ks[-1]}"] > p["cos"][f"g{ks[-1]}"] for p in points),
+    last = ks[-1]
+
+    def share_of(claim) -> float:
+        return statistics.fmean(bool(claim(p["cos"])) for p in points)
+
+    claims = {
+        "g1 beats g0": share_of(lambda c: c["g1"] > c["g0"]),
+        "xsam1 beats g1": share_of(lambda c: c["xsam1"] > c["g1"]),
+        "xsam1@rho beats g1": share_of(lambda c: c["xsam1@rho"] > c["g1"]),
+        f"g_k improves with k = {', '.join(map(str, ks))}": share_of(
+            lambda c: all(c[f"g{a}"] <= c[f"g{b}"] for a, b in zip(ks, ks[1:]))
+        ),
+        f"g{last} worse than g1": share_of(lambda c: c[f"g{last}"] < c["g1"]),
+        f"xsam{last} beats g{last}": share_of(lambda c: c[f"xsam{last}"] > c[f"g{last}"]),
     }
-    return {"mean": mean, "fraction_of_batches": wins}
+    return {"pairs": len(points), "mean": mean, "fraction_of_pairs": claims}
 
 
-def table(rows: list[tuple[int, list[dict]]], names: list[str], kind: str) -> str:
+def table(rows: list[tuple[int, list[dict]]], names: list[str], kind: str, mean: dict[str, float]) -> str:
     header = "| step | " + " | ".join(names) + " |"
     lines = [header, "| ---: |" + " ---: |" * len(names)]
     for step, points in rows:
         values = [statistics.fmean(p[kind][n] for p in points) for n in names]
         lines.append(f"| {step} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    lines.append("| mean after the first |" + "".join(f" {mean[n]:.3f} |" for n in names))
     return "\n".join(lines)
 
 
-def report(task_name: str, run: dict, rows: list[tuple[int, list[dict]]], ks: list[int], summary: dict) -> str:
+def report(
+    task_name: str, rho: float, run: dict, rows: list[tuple[int, list[dict]]], ks: list[int], summary: dict
+) -> str:
     names = ["g0", "g1", "xsam1", "xsam1@rho"] + [f"g{k}" for k in ks[1:]] + [f"xsam{k}" for k in ks[1:]]
-    lines = [f"### {task_name}: {run['steps']} steps, eval loss {run['eval_loss']:.3f}", ""]
-    lines.append("| step | L0 | L(ball max) - L0 | searched alpha (k=1) | theta (k=1, deg) |")
-    lines.append("| ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"### {task_name}, ball radius rho = {rho:g}: {run['steps']} steps, eval loss {run['eval_loss']:.3f}", ""]
+    lines.append(
+        "| step | L0 | L(ball max) - L0 | max found from | min cos between starts' maxima "
+        "| alpha* (rho_max = 2 rho) | alpha* (rho_max = rho) | theta (deg) |"
+    )
+    lines.append("| ---: | ---: | ---: | --- | ---: | --- | --- | ---: |")
     for step, points in rows:
         lines.append(
             f"| {step} | {statistics.fmean(p['loss0'] for p in points):.4f} | "
             f"{statistics.fmean(p['loss_max'] - p['loss0'] for p in points):.4f} | "
+            + ", ".join("w0" if p["best_start"] == 0 else "random" for p in points)
+            + f" | {min(min(p['start_cos_to_max']) for p in points):.3f} | "
             + ", ".join(f"{p['search']['xsam1']['alpha']:g}" for p in points)
+            + " | "
+            + ", ".join(f"{p['search']['xsam1@rho']['alpha']:g}" for p in points)
             + f" | {statistics.fmean(p['search']['xsam1']['theta'] for p in points):.1f} |"
         )
-    lines += ["", "Cosine with the direction to the ball maximum:", "", table(rows, names, "cos")]
-    lines += ["", "Share of the ball's loss rise reached at radius rho:", "", table(rows, names, "share")]
-    lines += ["", "Fraction of (checkpoint, batch) pairs where:"]
-    lines += [f"- {claim}: {value:.2f}" for claim, value in summary["fraction_of_batches"].items()]
+    lines += ["", "Cosine with the direction to the ball maximum:", ""]
+    lines.append(table(rows, names, "cos", summary["mean"]["cos"]))
+    lines += ["", "Share of the ball's loss rise reached at radius rho:", ""]
+    lines.append(table(rows, names, "share", summary["mean"]["share"]))
+    lines += ["", f"Of the {summary['pairs']} (checkpoint, batch) pairs after the first checkpoint, by cosine:"]
+    lines += [f"- {claim}: {value:.2f}" for claim, value in summary["fraction_of_pairs"].items()]
     return "\n".join(lines)
+
+
+def measure_run(task: Task, weights: dict[int, dict], rho: float, args: argparse.Namespace) -> tuple[list, list]:
+    """Measures every checkpoint on ``args.batches`` batches; draws the landscape at the chosen checkpoint."""
+    model = task.model.eval()
+    batch_size = TRAINING[task.name][2]
+    rows, pictures = [], []
+    for index, (step, state) in enumerate(sorted(weights.items())):
+        model.load_state_dict(state)
+        points = []
+        for b in range(args.batches):
+            probe = LossProbe(model, task.batch(batch_size, offset=b * batch_size))
+            point = measure(probe, rho, args.ks, args.starts, args.pga_steps, args.seed + b)
+            if args.landscape and index == args.landscape_checkpoint and b == 0:
+                os.makedirs(args.landscape, exist_ok=True)
+                path = os.path.join(args.landscape, f"landscape_{task.name}_rho{rho:g}.png")
+                title = f"{task.name}: batch loss around w0 at step {step} (rho = {rho:g})"
+                pictures.append(landscape(probe, point, rho, args.landscape_points, path, title))
+            del point["directions"], point["e_max"]
+            points.append(point)
+        rows.append((step, points))
+    return rows, pictures
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--rho", type=float, default=0.05, help="training rho, and the ball measured")
+    parser.add_argument("--rho", type=float, default=0.05, help="rho of the training run")
+    parser.add_argument("--radii", type=float, nargs="+", help="ball radii measured (default: --rho)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10], help="ascent steps compared (first = 1)")
-    parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints, evenly spaced, first and last included")
+    parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints, evenly spaced, first and last kept")
     parser.add_argument("--batches", type=int, default=3, help="training batches measured per checkpoint")
     parser.add_argument("--starts", type=int, default=3, help="ascent starts for the ball maximum (zero + random)")
     parser.add_argument("--pga-steps", type=int, default=80, help="projected ascent steps per start")
-    parser.add_argument("--landscape", metavar="DIR", help="draw landscape_<task>.png into DIR")
+    parser.add_argument(
+        "--landscape", metavar="DIR", help="draw landscape_<task>_rho<r>.png, and the runs' alpha plots, into DIR"
+    )
     parser.add_argument("--landscape-checkpoint", type=int, default=1, help="index of the checkpoint drawn")
     parser.add_argument("--landscape-points", type=int, default=41, help="grid points per side")
     parser.add_argument("--threads", type=int, default=1)
@@ -234,27 +307,17 @@ def main() -> None:
     results = {"settings": vars(args), "tasks": {}}
     for task_name in args.tasks:
         task = build_task(task_name, "small", args.seed)
-        weights, run = train(task, args.rho, args.checkpoints, args.seed)
-        model = task.model.eval()
-        batch_size = TRAINING[task_name][2]
-        rows, pictures = [], []
-        for index, (step, state) in enumerate(sorted(weights.items())):
-            model.load_state_dict(state)
-            points = []
-            for b in range(args.batches):
-                probe = LossProbe(model, task.batch(batch_size, offset=b * batch_size))
-                point = measure(probe, args.rho, args.ks, args.starts, args.pga_steps, args.seed + b)
-                if args.landscape and index == args.landscape_checkpoint and b == 0:
-                    os.makedirs(args.landscape, exist_ok=True)
-                    path = os.path.join(args.landscape, f"landscape_{task_name}.png")
-                    title = f"{task_name}: batch loss around w0 at step {step} (rho = {args.rho:g})"
-                    pictures.append(landscape(probe, point, args.rho, args.landscape_points, path, title))
-                del point["directions"], point["e_max"]
-                points.append(point)
-            rows.append((step, points))
-        summary = summarise([p for _, points in rows for p in points], args.ks)
-        results["tasks"][task_name] = {"run": run, "checkpoints": dict(rows), "summary": summary, "landscape": pictures}
-        print(report(task_name, run, rows, args.ks, summary), flush=True)
+        weights, run = train(task, args.rho, args.checkpoints, args.seed, args.landscape)
+        results["tasks"][task_name] = {"run": run, "radii": {}}
+        for rho in args.radii or [args.rho]:
+            rows, pictures = measure_run(task, weights, rho, args)
+            summary = summarise(rows, args.ks)
+            results["tasks"][task_name]["radii"][rho] = {
+                "checkpoints": dict(rows),
+                "summary": summary,
+                "landscape": pictures,
+            }
+            print(report(task_name, rho, run, rows, args.ks, summary), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

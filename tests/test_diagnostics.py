@@ -61,7 +61,9 @@ def test_ball_maximum_matches_a_dense_search_in_two_dimensions():
 
     starts = [torch.zeros(2), torch.tensor([-0.5, 0.5]), torch.tensor([0.3, -0.6])]
     _, loss = ball_maximum(f, 1.0, starts, steps=200)
-    r, t = torch.meshgrid(torch.linspace(0, 1, 201, dtype=torch.float64), torch.linspace(0, 2 * math.pi, 1441, dtype=torch.float64), indexing="ij")
+    radii = torch.linspace(0, 1, 201, dtype=torch.float64)
+    angles = torch.linspace(0, 2 * math.pi, 1441, dtype=torch.float64)
+    r, t = torch.meshgrid(radii, angles, indexing="ij")
     dense = float(value(r * torch.cos(t), r * torch.sin(t)).max())
     assert loss == pytest.approx(dense, abs=1e-3)
 

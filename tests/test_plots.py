@@ -87,7 +87,9 @@ def test_only_the_main_process_draws(tmp_path):
 
 def test_without_matplotlib_the_callback_warns_once_and_draws_nothing(tmp_path, monkeypatch, caplog):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
     trainer = tiny_trainer(tmp_path)
     with caplog.at_level(logging.WARNING, logger="hf_xsam.plots"):
         callback = XSAMPlotCallback(trainer)
