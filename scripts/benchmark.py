@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Speed and memory of XSAM steps against the base optimizer and SAM, measured side by side.
 
 Every configuration gets its own `XSAMTrainer` over its own copy of the same model and the same batch. One

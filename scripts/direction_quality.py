@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Direction quality, the paper's central claim measured: how well do g0, SAM's g1, g_k and XSAM's u(alpha*)
 point at the maximum of the batch loss in the rho-ball?
 
