@@ -15,9 +15,9 @@ Memory runs each configuration in a fresh process (peak RSS is per process): pea
 allocated, and the bytes held by live tensors between steps, whose excess over the base optimizer is what
 XSAM keeps (its saved weights, and the accumulated direction with gradient accumulation).
 
-Usage:
-    python scripts/benchmark.py --tasks vit marian --rounds 60 --json benchmark.json
-    python scripts/benchmark.py --size large --rounds 15 --profile
+Usage (the README's tables):
+    python scripts/benchmark.py --rounds 80 --profile --json outputs/benchmark_small.json
+    python scripts/benchmark.py --size large --rounds 6 --warmup 1 --profile --json outputs/benchmark_large.json
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ The ball radius (and the XSAM engine's rho) is the training rho, or each of ``--
 ``--landscape DIR`` it also draws the loss in the plane of ``v0 = g0/||g0||`` and ``v1 = g1/||g1||`` at
 one checkpoint, with g0, g1, XSAM's direction and the projected ball maximum (the paper's Figure 1).
 
-Usage:
-    python scripts/direction_quality.py --json direction_quality.json --landscape pictures
+Usage (the README's tables and landscapes):
+    python scripts/direction_quality.py --radii 0.05 0.2 --pga-steps 60 \\
+        --json outputs/direction_quality.json --landscape outputs/pictures
 """
 
 from __future__ import annotations
