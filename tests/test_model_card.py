@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import BertConfig, BertForSequenceClassification
@@ -21,15 +20,6 @@ LOGS = [
     {"step": 8, "epoch": 2.0, "loss": 1.0, "xsam/alpha": 1.6, "xsam/theta": 30.0, "xsam/sharpness": 0.1},
 ]
 STATE = {"alpha": 1.6, "search_history": [{"alpha": 1.0, "step": 0}, {"alpha": 1.6, "step": 4}]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_trainer(tmp_path, **overrides):

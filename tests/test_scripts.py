@@ -49,15 +49,6 @@ TINY_VIT = ["--image_size", "8", "--patch_size", "4", "--hidden_size", "16", "--
 EMBEDDED_TRANSLATION = ["--num_embedded_train", "48", "--num_embedded_eval", "16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(script, monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", [script.__file__, *map(str, args)])
     script.main()
