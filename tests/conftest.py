@@ -1,7 +1,15 @@
-"""Shared test settings."""
+"""Shared test settings, and the one place that puts the user scripts and the benchmark tools on the path."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# scripts/ and benchmarks/ are folders of runnable files, not packages: the tests import them as their
+# own directory would when run
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks")]
 
 
 @pytest.fixture(autouse=True)

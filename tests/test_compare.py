@@ -1,12 +1,8 @@
 """The generalization study's summary table."""
 
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-
-from compare import table  # noqa: E402
+from compare import table
 
 
 def test_table_reports_mean_and_spread_per_method():

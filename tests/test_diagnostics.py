@@ -1,4 +1,4 @@
-"""hf_xsam.diagnostics: the ball maximum, the probe, the engine's directions and the plane slice."""
+"""benchmarks/diagnostics.py: the ball maximum, the probe, the engine's directions and the plane slice."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_xsam.diagnostics import LossProbe, ball_maximum, cosine, engine_direction, plane_basis, plane_slice
+from diagnostics import LossProbe, ball_maximum, cosine, engine_direction, plane_basis, plane_slice
 
 
 class Regression(nn.Module):

@@ -8,7 +8,9 @@ import torch
 from transformers import TrainerControl, TrainerState, ViTConfig, ViTForImageClassification
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.plots import ALPHA_PNG, ALPHA_SEARCH_PNG, XSAMPlotCallback, plot_landscape, save_xsam_plots
+from landscape import plot_landscape
+
+from hf_xsam.plots import ALPHA_PNG, ALPHA_SEARCH_PNG, XSAMPlotCallback, save_xsam_plots
 
 pytest.importorskip("matplotlib")
 

@@ -34,11 +34,11 @@ from transformers import (
 
 from hf_xsam import XSAMSeq2SeqTrainingArguments
 
+import _common
+import classify_images
+import translate
+
 SCRIPTS = Path(__file__).parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import _common  # noqa: E402
-import classify_images  # noqa: E402
-import translate  # noqa: E402
 
 COMMON = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "1",
           "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16"]

@@ -1,11 +1,11 @@
 """Probing the loss around the current weights: the maximum in the rho-ball, the XSAM and SAM directions on a
-batch, and 2-D slices of the landscape. Used by ``scripts/direction_quality.py``; not on any training path.
+batch, and 2-D slices of the landscape. Used by ``direction_quality.py``; not on any training path.
 
 Perturbations and directions are flat vectors over the trainable parameters (in ``parameters()`` order).
 
 Example:
     >>> import torch
-    >>> from hf_xsam.diagnostics import ball_maximum, cosine
+    >>> from diagnostics import ball_maximum, cosine
     >>> b = torch.tensor([3.0, 4.0])
     >>> e, loss = ball_maximum(lambda e: (float(b @ e), b.clone()), radius=1.0, starts=[torch.zeros(2)])
     >>> round(cosine(e, b), 6), round(loss, 4)
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engine import XSAM, XSAMStepStats
+from hf_xsam.engine import XSAM, XSAMStepStats
 
 __all__ = ["cosine", "LossProbe", "ball_maximum", "engine_direction", "plane_basis", "plane_slice"]
 

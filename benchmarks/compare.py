@@ -7,9 +7,9 @@ slows every method alike. Finished runs are kept, so an interrupted study contin
 result is a Markdown table (mean and standard deviation over seeds, wall time) and a JSON file.
 
 Examples:
-    python scripts/compare.py --task cifar10 --data_dir /data/cifar10 --output_dir runs/compare-cifar10 \\
+    python benchmarks/compare.py --task cifar10 --data_dir /data/cifar10 --output_dir runs/compare-cifar10 \\
         -- --max_train_samples 5000 --num_train_epochs 3
-    python scripts/compare.py --task multi30k --data_dir /data/multi30k --seeds 0 1 2 -- --num_train_epochs 2
+    python benchmarks/compare.py --task multi30k --data_dir /data/multi30k --seeds 0 1 2 -- --num_train_epochs 2
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).parent
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 TASKS = {
     "cifar10": {
@@ -97,7 +97,7 @@ def main() -> None:
     task = TASKS[options.task]
     extra = [arg for arg in options.extra if arg != "--"]
     output_dir = Path(options.output_dir or f"runs/compare-{options.task}")
-    command = " ".join(["python", "scripts/compare.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]])
     results = []
     for seed in options.seeds:
         for method in options.methods:

@@ -16,8 +16,8 @@ allocated, and the bytes held by live tensors between steps, whose excess over t
 XSAM keeps (its saved weights, and the accumulated direction with gradient accumulation).
 
 Usage (the README's tables):
-    python scripts/benchmark.py --rounds 80 --profile --json outputs/benchmark_small.json
-    python scripts/benchmark.py --size large --rounds 6 --warmup 1 --profile --json outputs/benchmark_large.json
+    python benchmarks/benchmark.py --rounds 80 --profile --json outputs/benchmark_small.json
+    python benchmarks/benchmark.py --size large --rounds 6 --warmup 1 --profile --json outputs/benchmark_large.json
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ from torch.autograd.profiler import record_function
 from transformers import Trainer
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toy_tasks import SIZES, TASKS, Task, build_task  # noqa: E402
+from toy_tasks import SIZES, TASKS, Task, build_task
 
-from hf_xsam import XSAMTrainer, XSAMTrainerMixin, XSAMTrainingArguments  # noqa: E402
+from hf_xsam import XSAMTrainer, XSAMTrainerMixin, XSAMTrainingArguments
 
 NEVER = 10**9  # alpha_search_interval that searches on the first step only (done during warm-up)
 

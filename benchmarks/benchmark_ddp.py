@@ -2,7 +2,7 @@
 
 Run on several processes (CPU: gloo), e.g.::
 
-    torchrun --nproc_per_node 2 scripts/benchmark_ddp.py --steps 10 --rounds 3 --hidden_size 128
+    torchrun --nproc_per_node 2 benchmarks/benchmark_ddp.py --steps 10 --rounds 3 --hidden_size 128
 
 Each configuration trains the same ViT (built from a config, random 32x32 images) with XSAMTrainer;
 the time of every optimizer step is taken between `on_step_begin` and `on_step_end`, and every byte

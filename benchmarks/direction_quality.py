@@ -19,7 +19,7 @@ The ball radius (and the XSAM engine's rho) is the training rho, or each of ``--
 one checkpoint, with g0, g1, XSAM's direction and the projected ball maximum (the paper's Figure 1).
 
 Usage (the README's tables and landscapes):
-    python scripts/direction_quality.py --radii 0.05 0.2 --pga-steps 60 \\
+    python benchmarks/direction_quality.py --radii 0.05 0.2 --pga-steps 60 \\
         --json outputs/direction_quality.json --landscape outputs/pictures
 """
 
@@ -38,11 +38,10 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toy_tasks import TASKS, Task, build_task  # noqa: E402
+from toy_tasks import TASKS, Task, build_task
 
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments  # noqa: E402
-from hf_xsam.diagnostics import (  # noqa: E402
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from diagnostics import (
     LossProbe,
     ball_maximum,
     cosine,
@@ -50,7 +49,9 @@ from hf_xsam.diagnostics import (  # noqa: E402
     plane_basis,
     plane_slice,
 )
-from hf_xsam.plots import XSAMPlotCallback, plot_landscape  # noqa: E402
+from landscape import plot_landscape
+
+from hf_xsam.plots import XSAMPlotCallback
 
 TRAINING = {  # learning rate, epochs, batch size
     "vit": (2e-3, 15, 64),

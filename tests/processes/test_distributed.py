@@ -24,7 +24,7 @@ EXPECTED = {
 
 def torchrun(worker: str, out: Path, result_prefix: str) -> list[dict]:
     """Run ``worker`` on WORLD processes and load what each rank saved."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                str(TESTS / worker), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
