@@ -132,7 +132,7 @@ def engine_direction(
 ) -> tuple[Tensor, XSAM, XSAMStepStats]:
     """The direction a fresh :class:`~hf_xsam.XSAM` engine leaves in ``.grad`` for the probe's batch at ``w0``.
 
-    With ``search=False, alpha=1`` it is ``g_k`` (k-step SAM's gradient); with the defaults, the first step
+    With ``alpha_search_interval=0, alpha=1`` it is ``g_k`` (k-step SAM's gradient); with the defaults, the first step
     searches alpha and the direction is ``||g_k|| u(alpha*)``. ``.grad`` is cleared afterwards.
     """
     engine = XSAM(probe.params, **xsam_settings)

@@ -133,7 +133,7 @@ def measure(probe: LossProbe, rho: float, ks: list[int], starts: int, pga_steps:
     directions = {"g0": g0}
     searched = {}
     for k in ks:
-        directions[f"g{k}"], _, _ = engine_direction(probe, rho=rho, ascent_steps=k, search=False, alpha=1.0)
+        directions[f"g{k}"], _, _ = engine_direction(probe, rho=rho, ascent_steps=k, sam_method="sam")
         directions[f"xsam{k}"], engine, stats = engine_direction(probe, rho=rho, ascent_steps=k)
         searched[f"xsam{k}"] = {"alpha": engine.alpha, "theta": math.degrees(float(stats.theta))}
     directions["xsam1@rho"], engine, _ = engine_direction(probe, rho=rho, rho_max=rho)

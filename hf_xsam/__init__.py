@@ -1,13 +1,14 @@
 """hf_xsam: XSAM (eXplicit Sharpness-Aware Minimization) for the Hugging Face Trainer."""
 
-from .arguments import XSAMArguments, XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
+from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
+from .config import XSAMConfig
 from .engine import XSAM
 from .plots import XSAMPlotCallback
 from .trainer import XSAMSeq2SeqTrainer, XSAMTrainer, XSAMTrainerMixin
 
 __all__ = [
     "XSAM",
-    "XSAMArguments",
+    "XSAMConfig",
     "XSAMPlotCallback",
     "XSAMSeq2SeqTrainer",
     "XSAMSeq2SeqTrainingArguments",

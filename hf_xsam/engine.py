@@ -39,59 +39,17 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from .config import XSAMConfig
 from .geometry import angle, global_dot, global_norm, slerp_coefficients
 from .guards import RunningStatsGuard, replayed_random_state
 
-__all__ = ["XSAM", "XSAMStepStats", "validate_settings", "SAM_METHODS", "PERTURBATIONS"]
-
-SAM_METHODS = ("xsam", "sam", "none")
-PERTURBATIONS = ("local", "global")
+__all__ = ["XSAM", "XSAMStepStats"]
 
 GradientReducer = Callable[[list[Tensor]], None]
 
 
 def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def validate_settings(
-    *,
-    sam_method: str = "xsam",
-    rho: float = 0.05,
-    ascent_steps: int = 1,
-    rho_max: float | None = None,
-    alpha: float = 1.0,
-    alpha_max: float = 2.0,
-    alpha_step: float = 0.1,
-    alpha_search_interval: int | None = None,
-    sam_interval: int = 1,
-    sam_perturbation: str = "local",
-    sam_eps: float = 1e-12,
-) -> None:
-    """Raise ``ValueError`` naming the field, its value and what is allowed, for any invalid setting."""
-    if sam_method not in SAM_METHODS:
-        raise ValueError(f"Invalid sam_method: {sam_method!r}; choose one of {', '.join(SAM_METHODS)}")
-    if sam_perturbation not in PERTURBATIONS:
-        raise ValueError(f"Invalid sam_perturbation: {sam_perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
-    checks = [
-        ("rho", rho, rho is not None and rho > 0, "a number > 0"),
-        ("ascent_steps", ascent_steps, isinstance(ascent_steps, int) and ascent_steps >= 1, "an integer >= 1"),
-        ("rho_max", rho_max, rho_max is None or rho_max > 0, "None (2 * rho) or a number > 0"),
-        ("alpha", alpha, alpha is not None and math.isfinite(alpha), "a finite number"),
-        ("alpha_max", alpha_max, alpha_max is not None and alpha_max >= 0, "a number >= 0"),
-        ("alpha_step", alpha_step, alpha_step is not None and alpha_step > 0, "a number > 0"),
-        (
-            "alpha_search_interval",
-            alpha_search_interval,
-            alpha_search_interval is None or (isinstance(alpha_search_interval, int) and alpha_search_interval >= 0),
-            "None (first step of every epoch), 0 (never) or an integer >= 1",
-        ),
-        ("sam_interval", sam_interval, isinstance(sam_interval, int) and sam_interval >= 1, "an integer >= 1"),
-        ("sam_eps", sam_eps, sam_eps is not None and sam_eps > 0, "a number > 0"),
-    ]
-    for name, value, valid, allowed in checks:
-        if not valid:
-            raise ValueError(f"Invalid {name}: {value!r}; it must be {allowed}")
 
 
 @dataclass
@@ -113,21 +71,15 @@ class XSAM:
 
     Args:
         params: the parameters to train; only those with ``requires_grad`` and a gradient take part.
-        rho: total ascent radius, split over ``ascent_steps``.
-        ascent_steps: k, the number of ascent steps.
-        rho_max: radius of the alpha search (default ``2 * rho``).
-        alpha: alpha used until the first search, and always when the search is off.
-        alpha_max: largest alpha of the search grid ``0, alpha_step, ..., alpha_max``.
-        alpha_step: spacing of the grid.
-        alpha_search_interval: steps between searches; ``None`` searches on the first step of every epoch,
-            ``0`` never searches.
-        search: whether alpha is searched at all (``False`` gives k-step SAM for ``alpha=1``).
-        eps: epsilon of every normalisation.
+        config: the settings (:class:`~hf_xsam.XSAMConfig`; a training-arguments object is one). Instead of a
+            config, its fields may be given as keywords: ``XSAM(params, rho=0.1)``.
         modules: modules whose BatchNorm running statistics must only see the first pass.
         reduce_gradients: averages a list of gradients across data-parallel workers in place.
         reduce_losses: averages a 1-D tensor of losses across workers in place (alpha search).
-        perturbation: ``"local"`` reduces the final direction once per optimizer step; ``"global"`` reduces
-            every gradient before it is used, so the step equals one device on the global batch.
+
+    With ``sam_perturbation="local"`` the final direction is reduced once per optimizer step; with
+    ``"global"`` every gradient is reduced before it is used, so the step equals one device on the global
+    batch.
 
     References:
         J. Chen, Z. Zhou, "Revisiting Sharpness-Aware Minimization: A More Faithful and Effective
@@ -137,45 +89,25 @@ class XSAM:
     def __init__(
         self,
         params: Iterable[Tensor],
+        config: XSAMConfig | None = None,
         *,
-        rho: float = 0.05,
-        ascent_steps: int = 1,
-        rho_max: float | None = None,
-        alpha: float = 1.0,
-        alpha_max: float = 2.0,
-        alpha_step: float = 0.1,
-        alpha_search_interval: int | None = None,
-        search: bool = True,
-        eps: float = 1e-12,
         modules: Iterable[nn.Module] = (),
         reduce_gradients: GradientReducer | None = None,
         reduce_losses: GradientReducer | None = None,
-        perturbation: str = "local",
+        **settings: Any,
     ) -> None:
-        validate_settings(
-            rho=rho,
-            ascent_steps=ascent_steps,
-            rho_max=rho_max,
-            alpha=alpha,
-            alpha_max=alpha_max,
-            alpha_step=alpha_step,
-            alpha_search_interval=alpha_search_interval,
-            sam_perturbation=perturbation,
-            sam_eps=eps,
-        )
+        if config is not None and settings:
+            raise TypeError(f"XSAM takes a config or settings as keywords, not both (got {sorted(settings)})")
+        self.config = config if config is not None else XSAMConfig(**settings)
+        if self.config.sam_method == "none":
+            raise ValueError("Invalid sam_method: 'none' takes no XSAM step; use the base optimizer alone")
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("XSAM got no parameter with requires_grad=True: there is nothing to train")
         # FSDP2 shards parameters as DTensors: the engine works on local shards and sums norms and dot
         # products over the shards with one all-reduce each
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
-        self.rho = rho
-        self.ascent_steps = ascent_steps
-        self.rho_max = 2 * rho if rho_max is None else rho_max
-        self.alpha = float(alpha)
-        self.alpha_grid = [round(i * alpha_step, 10) for i in range(int(math.floor(alpha_max / alpha_step + 1e-9)) + 1)]
-        self.alpha_search_interval = alpha_search_interval if search else 0
-        self.eps = eps
+        self.alpha = self.config.initial_alpha
         modules = list(modules)
         self.running_stats = RunningStatsGuard(modules)
         # FSDP2 keeps the root's gathered weights after a forward without backward: drop them after every
@@ -183,7 +115,6 @@ class XSAM:
         self.fsdp_modules = [m for m in modules if isinstance(m, FSDPModule)]
         self.reduce_gradients = reduce_gradients
         self.reduce_losses = reduce_losses
-        self.perturbation = perturbation
         self.last_search_step: int | None = None
         self.last_search_epoch: int | None = None
         self.search_history: list[dict[str, Any]] = []
@@ -195,13 +126,13 @@ class XSAM:
 
     def search_due(self, step: int, epoch: int) -> bool:
         """Whether the optimizer step ``step`` (in epoch ``epoch``) searches alpha."""
-        if self.alpha_search_interval == 0:
+        if not self.config.searches_alpha:
             return False
         if self.last_search_step is None:
             return True
-        if self.alpha_search_interval is None:
+        if self.config.alpha_search_interval is None:
             return epoch > self.last_search_epoch
-        return step - self.last_search_step >= self.alpha_search_interval
+        return step - self.last_search_step >= self.config.alpha_search_interval
 
     def state_dict(self) -> dict[str, Any]:
         """The alpha in use and the search schedule, as plain Python values (JSON-serialisable)."""
@@ -248,7 +179,7 @@ class XSAM:
         return dot
 
     def _reduce_if_global(self, grads: list[Tensor]) -> None:
-        if self.perturbation == "global" and self.reduce_gradients is not None:
+        if self.config.sam_perturbation == "global" and self.reduce_gradients is not None:
             self.reduce_gradients(grads)
 
     @torch.no_grad()
@@ -287,13 +218,13 @@ class XSAM:
         nonfinite = torch.zeros((), dtype=torch.bool, device=loss.device)
         try:
             with self.running_stats:
-                for i in range(self.ascent_steps):
+                for i in range(self.config.ascent_steps):
                     if i > 0:
                         grads = self._fresh_gradient(forward_backward, owners, grads)[1]
                     norm = self._norm(grads)
                     finite = torch.isfinite(norm)
                     nonfinite |= ~finite
-                    scale = torch.where(finite, (self.rho / self.ascent_steps) / (norm + self.eps), 0.0)
+                    scale = torch.where(finite, (self.config.rho / self.config.ascent_steps) / (norm + self.config.sam_eps), 0.0)
                     # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass refills it)
                     torch._foreach_mul_(grads, scale)
                     torch._foreach_add_(params, grads)
@@ -303,7 +234,7 @@ class XSAM:
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
                 displacement_norm = self._norm(params)
-                theta = angle(self._dot(params, grads), displacement_norm, grad_norm, self.eps)
+                theta = angle(self._dot(params, grads), displacement_norm, grad_norm, self.config.sam_eps)
                 if loss_only is not None and self.search_due(step, epoch):
                     self._search_alpha(loss_only, params, saved, grads, theta, displacement_norm, grad_norm, nonfinite)
                     self.last_search_step, self.last_search_epoch = step, epoch
@@ -312,7 +243,7 @@ class XSAM:
                 # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
                 # a non-finite pass poisons d so that the scaler skips the step
                 c1 = torch.where(nonfinite, torch.nan, c1)
-                torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + self.eps))
+                torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + self.config.sam_eps))
                 torch._foreach_mul_(grads, c1)
                 torch._foreach_add_(grads, params)
         finally:
@@ -344,7 +275,7 @@ class XSAM:
             accumulated = self._buffers(self._accumulated, owners)
             torch._foreach_add_(grads, accumulated)
             torch._foreach_zero_(accumulated)
-        if self.perturbation == "local" and self.reduce_gradients is not None:
+        if self.config.sam_perturbation == "local" and self.reduce_gradients is not None:
             self.reduce_gradients(grads)
 
     def _search_alpha(
@@ -363,10 +294,10 @@ class XSAM:
             self.search_history.append({"alpha": self.alpha, "theta": float("nan"), "losses": []})
             return
         displacement = torch._foreach_clone(params)
-        grid = torch.tensor(self.alpha_grid, dtype=theta.dtype, device=theta.device)
+        grid = torch.tensor(self.config.alpha_grid, dtype=theta.dtype, device=theta.device)
         c0, c1 = slerp_coefficients(theta, grid)
-        along_displacement = (self.rho_max * c0 / (displacement_norm + self.eps)).tolist()
-        along_gradient = (self.rho_max * c1 / (grad_norm + self.eps)).tolist()
+        along_displacement = (self.config.search_radius * c0 / (displacement_norm + self.config.sam_eps)).tolist()
+        along_gradient = (self.config.search_radius * c1 / (grad_norm + self.config.sam_eps)).tolist()
         losses = []
         with replayed_random_state(params[0].device) as replay:
             for a, b in zip(along_displacement, along_gradient):
@@ -383,5 +314,5 @@ class XSAM:
         values = losses_tensor.tolist()
         finite = [(v, -i) for i, v in enumerate(values) if math.isfinite(v)]
         if finite:
-            self.alpha = self.alpha_grid[-max(finite)[1]]
+            self.alpha = self.config.alpha_grid[-max(finite)[1]]
         self.search_history.append({"alpha": self.alpha, "theta": math.degrees(theta.item()), "losses": values})

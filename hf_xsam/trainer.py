@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 
-from .arguments import XSAMArguments, XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
+from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
+from .config import XSAMConfig
 from .distributed import all_reduce_mean_
 from .engine import XSAM, XSAMStepStats
 from .model_card import XSAM_TAGS, add_xsam_section
@@ -51,14 +52,14 @@ class XSAMTrainerMixin:
     engine's state (alpha and the search schedule) is saved with every checkpoint and restored on resume.
     """
 
-    args: XSAMArguments
+    args: XSAMConfig
     default_args_class: type = XSAMTrainingArguments
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if len(args) < 2 and kwargs.get("args") is None:
             kwargs["args"] = self.default_args_class(output_dir="trainer_output")
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, XSAMArguments):
+        if not isinstance(self.args, XSAMConfig):
             raise TypeError(
                 f"{type(self).__name__} needs XSAMTrainingArguments (or XSAMSeq2SeqTrainingArguments), "
                 f"got {type(self.args).__name__}"
@@ -116,25 +117,15 @@ class XSAMTrainerMixin:
 
     def _xsam_engine(self, model: nn.Module) -> XSAM:
         if self.xsam is None:
-            args = self.args
             distributed = self.accelerator.num_processes > 1
             # FSDP averages (reduce-scatters) every gradient itself; the engine only sums over shards
             reduce_gradients = all_reduce_mean_ if distributed and not self.is_fsdp_enabled else None
             self.xsam = XSAM(
                 model.parameters(),
-                rho=args.rho,
-                ascent_steps=args.ascent_steps,
-                rho_max=args.rho_max,
-                alpha=1.0 if args.sam_method == "sam" else args.alpha,
-                alpha_max=args.alpha_max,
-                alpha_step=args.alpha_step,
-                alpha_search_interval=args.alpha_search_interval,
-                search=args.sam_method == "xsam",
-                eps=args.sam_eps,
+                self.args,
                 modules=model.modules(),
                 reduce_gradients=reduce_gradients,
                 reduce_losses=(lambda losses: all_reduce_mean_([losses])) if distributed else None,
-                perturbation=args.sam_perturbation,
             )
             if self._xsam_pending_state is not None:
                 self.xsam.load_state_dict(self._xsam_pending_state)

@@ -88,7 +88,7 @@ def test_engine_direction_for_sam_is_the_gradient_at_the_ascent_point():
     rho = 0.1
     _, g0 = p.loss_and_grad()
     _, g1 = p.loss_and_grad(rho * g0.double() / g0.double().norm())
-    direction, engine, _ = engine_direction(p, rho=rho, search=False, alpha=1.0)
+    direction, engine, _ = engine_direction(p, rho=rho, sam_method="sam")
     torch.testing.assert_close(direction, g1, rtol=1e-5, atol=1e-7)
     assert engine.alpha == 1.0
     assert all(w.grad is None for w in p.params)
@@ -98,7 +98,7 @@ def test_engine_direction_for_sam_is_the_gradient_at_the_ascent_point():
 def test_engine_direction_searches_alpha_on_its_first_step():
     _, engine, _ = engine_direction(probe(), rho=0.1)
     assert len(engine.search_history) == 1
-    assert engine.alpha in engine.alpha_grid
+    assert engine.alpha in engine.config.alpha_grid
 
 
 def test_plane_basis_is_orthonormal_and_starts_along_v0():

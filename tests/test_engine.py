@@ -38,12 +38,12 @@ def engine_direction(model, batch, **settings):
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(rho=0.1, ascent_steps=1, alpha=1.0, search=False),  # SAM
-        dict(rho=0.1, ascent_steps=3, alpha=1.0, search=False),  # 3-step SAM
-        dict(rho=0.1, ascent_steps=1, alpha=0.0, search=False),  # v0 ("SGD+")
-        dict(rho=0.2, ascent_steps=2, alpha=1.6, search=False),  # fixed alpha past g_k
-        dict(rho=0.3, ascent_steps=1, search=True),  # searched alpha
-        dict(rho=0.3, ascent_steps=2, search=True, rho_max=0.5, alpha_max=1.5, alpha_step=0.25),
+        dict(rho=0.1, ascent_steps=1, alpha=1.0, alpha_search_interval=0),  # SAM
+        dict(rho=0.1, ascent_steps=3, alpha=1.0, alpha_search_interval=0),  # 3-step SAM
+        dict(rho=0.1, ascent_steps=1, alpha=0.0, alpha_search_interval=0),  # v0 ("SGD+")
+        dict(rho=0.2, ascent_steps=2, alpha=1.6, alpha_search_interval=0),  # fixed alpha past g_k
+        dict(rho=0.3, ascent_steps=1),  # searched alpha
+        dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25),
     ],
 )
 def test_direction_matches_reference(settings):
@@ -56,7 +56,7 @@ def test_direction_matches_reference(settings):
         rho=settings["rho"],
         k=settings["ascent_steps"],
         alpha=settings.get("alpha", 1.0),
-        search=settings["search"],
+        search=settings.get("alpha_search_interval") != 0,
         rho_max=settings.get("rho_max"),
         alpha_max=settings.get("alpha_max", 2.0),
         alpha_step=settings.get("alpha_step", 0.1),
@@ -92,7 +92,7 @@ def test_alpha_one_is_sam_by_hand():
     loss, w0, rho = flat_loss(model, batch), flat(model), 0.05
     g0 = gradient(loss, w0)
     g1 = gradient(loss, w0 + rho * g0 / g0.norm())
-    _, direction, _, _ = engine_direction(model, batch, rho=rho, alpha=1.0, search=False)
+    _, direction, _, _ = engine_direction(model, batch, rho=rho, alpha=1.0, alpha_search_interval=0)
     torch.testing.assert_close(direction, g1, rtol=1e-9, atol=1e-12)
 
 
@@ -105,7 +105,7 @@ def test_parallel_v0_v1_falls_back_to_v1():
         loss.backward()
         return loss.detach()
 
-    engine = XSAM([w], rho=0.5, alpha=1.7, search=False)
+    engine = XSAM([w], rho=0.5, alpha=1.7, alpha_search_interval=0)
     stats = engine.step(forward_backward, step=0)
     g1 = torch.tensor([3.0, 4.0], dtype=torch.float64) * (1 + 0.5 / 5.0)
     torch.testing.assert_close(w.grad, g1)
@@ -135,7 +135,7 @@ def test_frozen_parameters_do_not_move_and_direction_matches_reference():
     batch = make_data()
     frozen = model.fc1.weight.detach().clone()
     expected, _, _ = xsam_direction(flat_loss(model, batch), flat(model), rho=0.1, alpha=0.5)
-    _, direction, _, _ = engine_direction(model, batch, rho=0.1, alpha=0.5, search=False)
+    _, direction, _, _ = engine_direction(model, batch, rho=0.1, alpha=0.5, alpha_search_interval=0)
     torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
     assert model.fc1.weight.grad is None and torch.equal(model.fc1.weight, frozen)
 
@@ -146,7 +146,7 @@ def test_batchnorm_statistics_are_those_of_one_pass(momentum):
     batch = make_data()
     one_pass = copy.deepcopy(model)
     one_pass(**batch)
-    engine_direction(model, batch, rho=0.1, ascent_steps=2, search=True)
+    engine_direction(model, batch, rho=0.1, ascent_steps=2)
     for name, buffer in one_pass.norm.named_buffers():
         assert torch.equal(buffer, getattr(model.norm, name)), name
 
@@ -214,7 +214,7 @@ def test_accumulation_sums_per_micro_batch_directions():
     data = make_data(n=8)
     halves = [{k: v[:4] for k, v in data.items()}, {k: v[4:] for k, v in data.items()}]
     expected = sum(xsam_direction(flat_loss(model, h), flat(model), rho=0.1, alpha=1.3)[0] for h in halves)
-    engine = XSAM(model.parameters(), rho=0.1, alpha=1.3, search=False)
+    engine = XSAM(model.parameters(), rho=0.1, alpha=1.3, alpha_search_interval=0)
     engine.step(*closures(model, halves[0]), accumulate=True)
     engine.step(*closures(model, halves[1]), accumulate=False)
     direction = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -232,7 +232,7 @@ def test_search_schedule_and_state_round_trip():
     assert not every_three.search_due(step=4, epoch=9) and every_three.search_due(step=5, epoch=0)
     assert every_three.state_dict()["alpha"] == 0.4
     assert not XSAM([w], rho=0.1, alpha_search_interval=0).search_due(step=0, epoch=0)
-    assert not XSAM([w], rho=0.1, search=False).search_due(step=0, epoch=0)
+    assert not XSAM([w], rho=0.1, alpha_search_interval=0).search_due(step=0, epoch=0)
 
 
 def test_geometry_against_flat_vectors():
@@ -258,8 +258,13 @@ def test_geometry_against_flat_vectors():
         ("alpha_step", -0.1, "Invalid alpha_step"),
         ("rho_max", -1.0, "Invalid rho_max"),
         ("alpha_search_interval", -2, "Invalid alpha_search_interval"),
-        ("eps", 0.0, "Invalid sam_eps"),
-        ("perturbation", "both", "Invalid sam_perturbation: 'both'; choose one of local, global"),
+        ("sam_eps", 0.0, "Invalid sam_eps"),
+        ("sam_eps", 1.0, r"Invalid sam_eps: 1.0; it must be a small number"),
+        ("alpha_max", 0.0, "Invalid alpha_max / alpha_step: 0.0 / 0.1 give a one-point search grid"),
+        ("alpha_step", 2.5, "Invalid alpha_max / alpha_step: 2.0 / 2.5 give a one-point search grid"),
+        ("alpha", float("nan"), "Invalid alpha: nan"),
+        ("sam_method", "none", "Invalid sam_method: 'none' takes no XSAM step"),
+        ("sam_perturbation", "both", "Invalid sam_perturbation: 'both'; choose one of local, global"),
     ],
 )
 def test_invalid_settings_are_refused(field, value, match):

@@ -27,7 +27,7 @@ def main(out: Path) -> None:
     fully_shard(model)
     data = make_data(n=STEPS * BATCH * world)
     engine = XSAM(model.parameters(), rho=0.3, alpha_search_interval=2, modules=model.modules(),
-                  reduce_losses=lambda losses: all_reduce_mean_([losses]), perturbation="global")
+                  reduce_losses=lambda losses: all_reduce_mean_([losses]), sam_perturbation="global")
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         start = (step * world + rank) * BATCH

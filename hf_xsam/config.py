@@ -1,0 +1,148 @@
+"""The XSAM settings: one dataclass with the fields, their defaults, help and validation.
+
+The engine takes it, and the training-argument classes inherit it, so a setting is declared once and has
+the same name everywhere (Python, command-line flags, checkpoints, model cards).
+
+Example:
+    >>> from hf_xsam import XSAMConfig
+    >>> config = XSAMConfig(rho=0.05, alpha_max=1.0, alpha_step=0.25)
+    >>> config.alpha_grid, config.search_radius
+    ([0.0, 0.25, 0.5, 0.75, 1.0], 0.1)
+    >>> XSAMConfig(rho=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: Invalid rho: -1; it must be a number > 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["XSAMConfig", "SAM_METHODS", "PERTURBATIONS", "MAX_SAM_EPS"]
+
+SAM_METHODS = ("xsam", "sam", "none")
+PERTURBATIONS = ("local", "global")
+# An epsilon of this size or more is no longer negligible next to gradient norms and distorts theta.
+MAX_SAM_EPS = 1e-4
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class XSAMConfig:
+    """The settings of an XSAM step (see ``XSAM.md`` for the method)."""
+
+    sam_method: str = field(
+        default="xsam",
+        metadata={
+            "help": "Sharpness-aware method: 'xsam' (searched alpha), 'sam' (alpha fixed at 1, standard k-step SAM) "
+            "or 'none' (the base optimizer alone, one pass per step).",
+            "choices": list(SAM_METHODS),
+        },
+    )
+    rho: float = field(default=0.05, metadata={"help": "Total ascent radius, split over `ascent_steps`."})
+    ascent_steps: int = field(default=1, metadata={"help": "Number of ascent steps k (k + 1 passes per step)."})
+    rho_max: float | None = field(
+        default=None, metadata={"help": "Radius at which the alpha search evaluates the loss; None means 2 * rho."}
+    )
+    alpha: float = field(
+        default=1.0,
+        metadata={"help": "Alpha used until the first search, and always when the search is off (1 = SAM, 0 = v0)."},
+    )
+    alpha_max: float = field(default=2.0, metadata={"help": "Largest alpha of the search grid 0..alpha_max."})
+    alpha_step: float = field(default=0.1, metadata={"help": "Spacing of the alpha search grid."})
+    alpha_search_interval: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps between alpha searches; None searches on the first step of every epoch "
+            "(as in the paper), 0 never searches."
+        },
+    )
+    sam_interval: int = field(
+        default=1,
+        metadata={"help": "Take the sharpness-aware step every N optimizer steps and a plain step otherwise."},
+    )
+    sam_perturbation: str = field(
+        default="local",
+        metadata={
+            "help": "Data parallel: 'local' each worker ascends with its own gradient and the XSAM directions are "
+            "averaged once per step; 'global' gradients are averaged before the ascent (equal to one device on "
+            "the global batch, one more all-reduce per pass).",
+            "choices": list(PERTURBATIONS),
+        },
+    )
+    sam_eps: float = field(default=1e-12, metadata={"help": "Epsilon of every normalisation (small, <= 1e-4)."})
+
+    def __post_init__(self) -> None:
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:  # mixed into TrainingArguments
+            parent_post_init()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, its value and what is allowed, for any invalid setting."""
+        if self.sam_method not in SAM_METHODS:
+            raise ValueError(f"Invalid sam_method: {self.sam_method!r}; choose one of {', '.join(SAM_METHODS)}")
+        if self.sam_perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"Invalid sam_perturbation: {self.sam_perturbation!r}; choose one of {', '.join(PERTURBATIONS)}"
+            )
+        interval = self.alpha_search_interval
+        checks = [
+            ("rho", self.rho, _number(self.rho) and self.rho > 0, "a number > 0"),
+            ("ascent_steps", self.ascent_steps, _integer(self.ascent_steps) and self.ascent_steps >= 1,
+             "an integer >= 1"),
+            ("rho_max", self.rho_max, self.rho_max is None or (_number(self.rho_max) and self.rho_max > 0),
+             "None (2 * rho) or a number > 0"),
+            ("alpha", self.alpha, _number(self.alpha), "a finite number"),
+            ("alpha_max", self.alpha_max, _number(self.alpha_max) and self.alpha_max >= 0, "a number >= 0"),
+            ("alpha_step", self.alpha_step, _number(self.alpha_step) and self.alpha_step > 0, "a number > 0"),
+            ("alpha_search_interval", interval, interval is None or (_integer(interval) and interval >= 0),
+             "None (first step of every epoch), 0 (never) or an integer >= 1"),
+            ("sam_interval", self.sam_interval, _integer(self.sam_interval) and self.sam_interval >= 1,
+             "an integer >= 1"),
+            ("sam_eps", self.sam_eps, _number(self.sam_eps) and 0 < self.sam_eps <= MAX_SAM_EPS,
+             f"a small number in (0, {MAX_SAM_EPS:g}]: a larger one distorts the normalised directions"),
+        ]
+        for name, value, valid, allowed in checks:
+            if not valid:
+                raise ValueError(f"Invalid {name}: {value!r}; it must be {allowed}")
+        if self.searches_alpha and len(self.alpha_grid) < 2:
+            raise ValueError(
+                f"Invalid alpha_max / alpha_step: {self.alpha_max!r} / {self.alpha_step!r} give a one-point search "
+                "grid; alpha_max must be at least alpha_step (or turn the search off with alpha_search_interval=0)"
+            )
+
+    @property
+    def searches_alpha(self) -> bool:
+        """Whether alpha is searched at all (``sam_method="xsam"`` with a search interval other than 0)."""
+        return self.sam_method == "xsam" and self.alpha_search_interval != 0
+
+    @property
+    def alpha_grid(self) -> list[float]:
+        """The search grid ``0, alpha_step, ..., alpha_max``."""
+        count = int(math.floor(self.alpha_max / self.alpha_step + 1e-9)) + 1
+        return [round(i * self.alpha_step, 10) for i in range(count)]
+
+    @property
+    def search_radius(self) -> float:
+        """The radius of the alpha search: ``rho_max``, or ``2 * rho`` when it is None."""
+        return 2 * self.rho if self.rho_max is None else self.rho_max
+
+    @property
+    def initial_alpha(self) -> float:
+        """The alpha a fresh run starts with: 1 for SAM, ``alpha`` otherwise."""
+        return 1.0 if self.sam_method == "sam" else float(self.alpha)
+
+    @property
+    def xsam_settings(self) -> dict[str, Any]:
+        """The XSAM fields as a dict (for logs and model cards)."""
+        return {f.name: getattr(self, f.name) for f in fields(XSAMConfig)}
