@@ -57,12 +57,16 @@ class InfInPass(SequentialXSAMTrainer):
         return loss
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch", "sgd"])
+@pytest.mark.parametrize(
+    "optim, dtype, autocast",
+    [("adamw_torch_fused", torch.float32, False), ("adamw_torch", torch.float32, False),
+     ("sgd", torch.float32, False), ("adamw_torch_fused", torch.bfloat16, False), ("sgd", torch.float32, True)],
+)
 @pytest.mark.parametrize("bad_pass", [1, 2])
-def test_nonfinite_pass_without_scaler_skips_the_step(tmp_path, caplog, optim, bad_pass):
-    model, data = TinyClassifier(dtype=torch.float32), make_data(n=N)
+def test_nonfinite_pass_without_scaler_skips_the_step(tmp_path, caplog, optim, dtype, autocast, bad_pass):
+    model, data = TinyClassifier(dtype=dtype), make_data(n=N)
     snapshots = Snapshots()
-    trainer = InfInPass(model=model, args=args_for(tmp_path, max_steps=3, optim=optim),
+    trainer = InfInPass(model=model, args=args_for(tmp_path, max_steps=3, optim=optim, bf16=autocast),
                         train_dataset=as_dataset(data), callbacks=[snapshots])
     trainer.bad_pass = bad_pass
     with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
