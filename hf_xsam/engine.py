@@ -144,6 +144,7 @@ class XSAM:
         self.search_history: deque[dict[str, Any]] = deque(maxlen=SEARCH_HISTORY_LENGTH)
         self._saved: dict[Tensor, Tensor] = {}
         self._accumulated: dict[Tensor, Tensor] = {}
+        self._last_buffers: tuple[tuple[int, ...] | None, list[Tensor]] = (None, [])
         # whether a micro-batch of the current optimizer step was non-finite (OR over micro-batches)
         self._step_nonfinite: Tensor | None = None
 
@@ -208,14 +209,23 @@ class XSAM:
     def _active(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The parameters with a gradient, and their (local shards of) weights and gradients."""
         owners = [p for p in self.params if p.grad is not None]
-        return owners, [_local(p) for p in owners], [_local(p.grad) for p in owners]
+        return owners, self._locals(owners), self._gradients(owners)
 
-    @staticmethod
-    def _buffers(store: dict[Tensor, Tensor], owners: list[Tensor]) -> list[Tensor]:
-        for p in owners:
-            if p not in store:
-                store[p] = torch.zeros_like(_local(p))
-        return [store[p] for p in owners]
+    def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
+        return [_local(t) for t in tensors] if self.sharded else tensors
+
+    def _gradients(self, owners: list[Tensor]) -> list[Tensor]:
+        return self._locals([p.grad for p in owners])
+
+    def _buffers(self, store: dict[Tensor, Tensor], owners: list[Tensor]) -> list[Tensor]:
+        """The buffers of ``owners`` in ``store`` (made on first use); the last list is reused while they last."""
+        key = (id(store), *map(id, owners))
+        if self._last_buffers[0] != key:
+            for p in owners:
+                if p not in store:
+                    store[p] = torch.zeros_like(_local(p))
+            self._last_buffers = (key, [store[p] for p in owners])
+        return self._last_buffers[1]
 
     def _norm(self, tensors: list[Tensor]) -> Tensor:
         if not self.sharded:
@@ -334,7 +344,7 @@ class XSAM:
         torch._foreach_zero_(grads)
         with torch.enable_grad():
             loss = forward_backward()
-        grads = [_local(p.grad) for p in owners]
+        grads = self._gradients(owners)
         self._reduce_if_global(grads)
         return loss, grads
 
