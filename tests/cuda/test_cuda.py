@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from datasets import Dataset
 from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
 from reference import xsam_direction
-
-# the CPU versions of these tests own their trainer settings and fault injection; the GPU versions reuse them
-from test_precision import BATCH, LR, N, InfInAscentPass, WeightsAfterEachStep, args_for, with_cpu_grad_scaler
+from test_precision import BATCH, LR, InfInAscentPass, N, WeightsAfterEachStep, args_for, with_cpu_grad_scaler
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import PretrainedConfig, TrainerCallback
 
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
+
+# test_precision (the CPU versions of these tests) owns the trainer settings and the fault injection
 
 DEVICE = torch.device(os.environ.get("HF_XSAM_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -202,7 +202,7 @@ def train_checking(tmp_path, steps: set[int], **overrides) -> CheckSteps:
     check = CheckSteps(steps)
     # Step 0 searches alpha (which reads losses back); no later step does. Logging only after step 3.
     # The Trainer's own NaN filter reads every step's loss back, a cost of the plain Trainer too: off.
-    settings = dict(max_steps=4, logging_steps=4, logging_nan_inf_filter=False, alpha_search_interval=1000)
+    settings = {"max_steps": 4, "logging_steps": 4, "logging_nan_inf_filter": False, "alpha_search_interval": 1000}
     settings.update(overrides)
     trainer = SequentialXSAMTrainer(model=TinyClassifier(dtype=torch.float32), args=device_args(tmp_path, **settings),
                                     train_dataset=as_dataset(make_data(n=4 * N)), callbacks=[check])
