@@ -15,9 +15,10 @@ mkdir -p "$out"
 log="$out/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! device=$("$python" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())" 2>/dev/null); then
+probe="import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())"
+if ! device=$("$python" -c "$probe" 2>/dev/null); then
     torch_version=$("$python" -c "import torch; print(torch.__version__)" 2>/dev/null || echo "not importable")
-    message="CUDA is not available (torch $torch_version): no GPU check was run; run this script on a machine with a GPU."
+    message="CUDA is not available (torch $torch_version): no GPU check was run; run this on a machine with a GPU."
     echo "gpu_check: $message" | tee "$log"
     printf '{"cuda": false, "message": "%s"}\n' "$message" >"$out/gpu_check.json"
     exit 0

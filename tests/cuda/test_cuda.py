@@ -15,6 +15,7 @@ import contextlib
 import copy
 import gc
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,8 +30,6 @@ from transformers import PretrainedConfig, TrainerCallback
 
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
 
-# test_precision (the CPU versions of these tests) owns the trainer settings and the fault injection
-
 DEVICE = torch.device(os.environ.get("HF_XSAM_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
 RHO, ALPHA = 0.2, 1.3  # the settings of test_precision.args_for
@@ -43,7 +42,7 @@ gpu_only = pytest.mark.skipif(not ON_CUDA, reason="only a GPU can check this (HF
 
 
 def device_args(tmp_path, **overrides) -> XSAMTrainingArguments:
-    """test_precision's settings, on DEVICE."""
+    """The settings of test_precision (the CPU versions of these tests, whose fault injection is reused), on DEVICE."""
     return args_for(tmp_path, use_cpu=not ON_CUDA, **overrides)
 
 
@@ -56,7 +55,7 @@ def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
-def forward_backward_on(model: nn.Module, batch: dict[str, torch.Tensor]):
+def forward_backward_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
     def forward_backward() -> torch.Tensor:
         loss = model(**batch)["loss"]
         loss.backward()
