@@ -38,8 +38,8 @@ def global_dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """Dot product of two lists of tensors seen as flat vectors, computed in float32 (or float64 if given).
 
     One ``torch.dot`` per pair on ``flatten()`` (a view; a 1-D tensor is used as it is): on CPU this measured
-    2-3x faster than one batched 1xN @ Nx1 matmul over reshaped tensors, and closer to the float64 result
-    (``benchmarks/dot_product.py``).
+    2.5-11x faster than one batched 1xN @ Nx1 matmul over reshaped tensors, and closer to the float64 result
+    (``benchmarks/dot_product.py``, ``docs/search.md``).
     """
     if not xs:
         return torch.zeros(())
