@@ -100,8 +100,11 @@ def compare(history: list[dict], grid: list[float]) -> dict:
         curve = search["losses"]
         if len(curve) != len(grid):
             continue  # a search skipped for a non-finite gradient
-        grid_index, _ = grid_search(grid, lambda indices: [curve[i] for i in indices])
-        ternary_index, seen = ternary_search(grid, lambda indices: [curve[i] for i in indices])
+        def evaluate(indices: list[int], curve: list[float] = curve) -> list[float]:
+            return [curve[i] for i in indices]
+
+        grid_index, _ = grid_search(grid, evaluate)
+        ternary_index, seen = ternary_search(grid, evaluate)
         rows.append(
             {
                 "step": search["step"],

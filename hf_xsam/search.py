@@ -94,7 +94,7 @@ def grid_search(alphas: Sequence[float], evaluate: Evaluate, prefer: float = 1.0
 def ternary_search(alphas: Sequence[float], evaluate: Evaluate, prefer: float = 1.0) -> SearchResult:
     """Fibonacci search for the best grid point; exact on unimodal curves, each point evaluated at most once.
 
-    The maximum is kept strictly inside a bracket ``(lo, hi)`` whose width is a Fibonacci number; points past
+    The maximum is kept strictly inside a bracket whose width is a Fibonacci number; points past
     the end of the grid count as lower than any real one and cost nothing. Points are compared by loss, then
     by the tie rule, so a flat top (or a flat curve) ends at the same point as the grid search. With ``n``
     grid points it makes at most ``m - 1`` evaluations, where ``F(m) >= n + 1`` (7 for 21 points).
@@ -120,14 +120,14 @@ def ternary_search(alphas: Sequence[float], evaluate: Evaluate, prefer: float = 
     while widths[-1] < n + 1:
         widths.append(widths[-1] + widths[-2])
     k = len(widths) - 1
-    lo, hi = -1, -1 + widths[k]  # invariant: the best point lies in (lo, hi) and hi - lo == widths[k]
+    # invariant: the best point lies strictly inside (lo, lo + widths[k])
+    lo = -1
     while k >= 2:
         left, right = lo + widths[k - 2], lo + widths[k - 1]
         _evaluate_into(losses, evaluate, [i for i in (left, right) if i < n])
         if rank(left) < rank(right):
-            lo = left  # the maximum is past left
-        else:
-            hi = right  # the maximum is before right
+            lo = left  # the maximum is past left: keep (left, lo + widths[k]), of width widths[k - 1]
+        # else the maximum is before right: keep (lo, right), of width widths[k - 1]
         k -= 1
     _evaluate_into(losses, evaluate, [i for i in (lo + 1,) if i < n])
     return best_index(losses, alphas, prefer), losses

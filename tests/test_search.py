@@ -297,3 +297,15 @@ def test_partial_search_records_are_plotted_and_carded(tmp_path):
     assert str(tmp_path / "xsam_alpha_search.png") in written
     text = xsam_section(XSAMConfig(alpha_search="ternary").xsam_settings, [], {"alpha": 1.2, "search_history": history})
     assert "| alpha_search | ternary |" in text and "0: 1.2" in text
+
+
+def test_agreement_script_noise_and_unimodality():
+    from search_agreement import add_label_noise, is_unimodal
+
+    examples = [{"labels": torch.tensor(i % 10)} for i in range(200)]
+    original = [int(e["labels"]) for e in examples]
+    assert add_label_noise(examples, 0.4, 10, seed=0) == 80
+    changed = [i for i, e in enumerate(examples) if int(e["labels"]) != original[i]]
+    assert len(changed) == 80 and all(0 <= int(e["labels"]) < 10 for e in examples)
+    assert is_unimodal([1, 2, 3, 3, 2]) and is_unimodal([5, 5, 5]) and is_unimodal([3, 2, 1])
+    assert not is_unimodal([1, 2, 2, 3, 1]) and not is_unimodal([1, 3, 2, 3, 1]) and not is_unimodal([2, 1, 2])
