@@ -63,13 +63,16 @@ CONFIGS = {
     "sam": ({"sam_method": "sam"}, 1, 1, 1),
     "xsam": ({"sam_method": "xsam", "alpha_search_interval": NEVER}, 1, 1, 1),
     "xsam-search": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 1, 1),
+    "xsam-search-ternary": ({"sam_method": "xsam", "alpha_search_interval": 1, "alpha_search": "ternary"}, 1, 1, 1),
     "xsam-interval2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 2}, 1, 1, 2),
     "sam-k2": ({"sam_method": "sam", "ascent_steps": 2}, 1, 1, 1),
     "xsam-k2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "ascent_steps": 2}, 1, 1, 1),
     "base-ga2": ({"sam_method": "none"}, 1, 2, 1),
     "xsam-ga2": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 2, 1),
 }
-TIMED = ["base", "base-2pass", "sam", "xsam", "xsam-search", "xsam-interval2", "sam-k2", "xsam-k2"]
+TIMED = [
+    "base", "base-2pass", "sam", "xsam", "xsam-search", "xsam-search-ternary", "xsam-interval2", "sam-k2", "xsam-k2"
+]
 MEASURED_MEMORY = ["base", "sam", "xsam-search", "base-ga2", "xsam-ga2"]
 BATCH_SIZE = {
     ("vit", "small"): 64,
@@ -260,6 +263,12 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
         "ratios": ratios,
         "search_every": search_every,
         "decomposition_s": decomposition,
+        # one search, in SAM steps (median of per-round (search step - plain step) / SAM step)
+        "search_sam_steps": {
+            strategy: statistics.median((s - x) / m for s, x, m in zip(times[name], times["xsam"], times["sam"]))
+            for strategy, name in (("grid", "xsam-search"), ("ternary", "xsam-search-ternary"))
+            if name in times
+        },
         # steps between searches for which the amortised search costs at most 2 % of a SAM step
         "search_every_for_2_percent": search_extra / (0.02 * medians["sam"]),
     }
@@ -433,6 +442,8 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
         f"- {passes}one search {_ms(parts['search'])} ms (<= 2 % of a SAM step when searching every "
         f">= {timing['search_every_for_2_percent']:.0f} steps)"
     )
+    cost = ", ".join(f"{value:.2f} ({name})" for name, value in timing["search_sam_steps"].items())
+    lines.append(f"- one search costs, in SAM steps: {cost}")
     if memory is not None:
         mib = 2**20
         lines += [

@@ -20,10 +20,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["XSAMConfig", "SAM_METHODS", "PERTURBATIONS", "MAX_SAM_EPS"]
+__all__ = ["XSAMConfig", "SAM_METHODS", "PERTURBATIONS", "ALPHA_SEARCHES", "MAX_SAM_EPS"]
 
 SAM_METHODS = ("xsam", "sam", "none")
 PERTURBATIONS = ("local", "global")
+ALPHA_SEARCHES = ("grid", "ternary")
 # An epsilon of this size or more is no longer negligible next to gradient norms and distorts theta.
 MAX_SAM_EPS = 1e-4
 
@@ -66,6 +67,16 @@ class XSAMConfig:
             "(as in the paper), 0 never searches."
         },
     )
+    alpha_search: str = field(
+        default="grid",
+        metadata={
+            "help": "How the search walks the grid: 'grid' evaluates every point (the paper's; reproduces it exactly) "
+            "or 'ternary', a Fibonacci search that evaluates at most 7 of 21 points and chooses the grid's alpha "
+            "when the loss along the grid rises to one maximum and falls after it. Both keep the largest loss, the "
+            "alpha closest to 1 among equal ones.",
+            "choices": list(ALPHA_SEARCHES),
+        },
+    )
     sam_interval: int = field(
         default=1,
         metadata={"help": "Take the sharpness-aware step every N optimizer steps and a plain step otherwise."},
@@ -95,6 +106,8 @@ class XSAMConfig:
             raise ValueError(
                 f"Invalid sam_perturbation: {self.sam_perturbation!r}; choose one of {', '.join(PERTURBATIONS)}"
             )
+        if self.alpha_search not in ALPHA_SEARCHES:
+            raise ValueError(f"Invalid alpha_search: {self.alpha_search!r}; choose one of {', '.join(ALPHA_SEARCHES)}")
         interval = self.alpha_search_interval
         checks = [
             ("rho", self.rho, _number(self.rho) and self.rho > 0, "a number > 0"),

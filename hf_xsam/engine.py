@@ -8,7 +8,8 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
     theta = arccos <v0, v1>;  u(alpha) = sin((1-alpha) theta)/sin theta v0 + sin(alpha theta)/sin theta v1
     d = ||g_k|| u(alpha);  w <- w0 (exact copy);  grad <- d
 
-On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``.
+On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
+evaluating every grid point (``alpha_search="grid"``) or by a Fibonacci search over it (``"ternary"``).
 
 Example:
     >>> import torch
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from .config import XSAMConfig
 from .geometry import angle, global_dot, global_norm, slerp_coefficients
 from .guards import RunningStatsGuard, replayed_random_state
+from .search import SEARCHES
 from .state import validate_state
 
 __all__ = ["XSAM", "XSAMStepStats", "check_one_device"]
@@ -383,7 +385,11 @@ class XSAM:
         grad_norm: Tensor,
         nonfinite: Tensor,
     ) -> None:
-        """Evaluate the loss at ``w0 + rho_max u(alpha)`` on the grid and keep the alpha of the largest."""
+        """Search the grid for the alpha whose point ``w0 + rho_max u(alpha)`` has the largest loss.
+
+        The strategy (``alpha_search``, see :mod:`hf_xsam.search`) asks for grid points; each batch of them is
+        evaluated under the same random state and its losses averaged over workers before any decision.
+        """
         # every worker must take the same branch: decide on the flag of all of them
         any_nonfinite = nonfinite.float().reshape(1)
         if self.reduce_losses is not None:
@@ -392,25 +398,37 @@ class XSAM:
             self.search_history.append({"alpha": self.alpha, "theta": float("nan"), "losses": []})
             return
         displacement = torch._foreach_clone(params)
-        grid = torch.tensor(self.config.alpha_grid, dtype=theta.dtype, device=theta.device)
-        c0, c1 = slerp_coefficients(theta, grid)
+        grid = self.config.alpha_grid
+        c0, c1 = slerp_coefficients(theta, torch.tensor(grid, dtype=theta.dtype, device=theta.device))
         along_displacement = (self.config.search_radius * c0 / (displacement_norm + self.config.sam_eps)).tolist()
         along_gradient = (self.config.search_radius * c1 / (grad_norm + self.config.sam_eps)).tolist()
-        losses = []
         with replayed_random_state(params[0].device) as replay:
-            for a, b in zip(along_displacement, along_gradient):
-                torch._foreach_copy_(params, saved)
-                torch._foreach_add_(params, displacement, alpha=a)
-                torch._foreach_add_(params, grads, alpha=b)
-                losses.append(replay(loss_only).detach().float().reshape(()))
-                for module in self.fsdp_modules:
-                    module.reshard()
+
+            def evaluate(indices: Sequence[int]) -> list[float]:
+                losses = []
+                for i in indices:
+                    # w0 + rho_max u(alpha_i), from the saved copy
+                    torch._foreach_copy_(params, saved)
+                    torch._foreach_add_(params, displacement, alpha=along_displacement[i])
+                    torch._foreach_add_(params, grads, alpha=along_gradient[i])
+                    losses.append(replay(loss_only).detach().float().reshape(()))
+                    for module in self.fsdp_modules:
+                        module.reshard()
+                losses_tensor = torch.stack(losses)
+                if self.reduce_losses is not None:
+                    self.reduce_losses(losses_tensor)
+                return losses_tensor.tolist()
+
+            index, seen = SEARCHES[self.config.alpha_search](grid, evaluate)
         torch._foreach_copy_(params, displacement)
-        losses_tensor = torch.stack(losses)
-        if self.reduce_losses is not None:
-            self.reduce_losses(losses_tensor)
-        values = losses_tensor.tolist()
-        finite = [(v, -i) for i, v in enumerate(values) if math.isfinite(v)]
-        if finite:
-            self.alpha = self.config.alpha_grid[-max(finite)[1]]
-        self.search_history.append({"alpha": self.alpha, "theta": math.degrees(theta.item()), "losses": values})
+        if index is not None:
+            self.alpha = grid[index]
+        evaluated = sorted(seen)
+        record: dict[str, Any] = {
+            "alpha": self.alpha,
+            "theta": math.degrees(theta.item()),
+            "losses": [seen[i] for i in evaluated],
+        }
+        if len(evaluated) < len(grid):
+            record["alphas"] = [grid[i] for i in evaluated]
+        self.search_history.append(record)

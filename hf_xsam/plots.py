@@ -49,14 +49,19 @@ def _figure(columns: int, width: float = 5.0, height: float = 3.8) -> Any:
 def plot_alpha_search(search_history: Sequence[dict[str, Any]], alpha_grid: Sequence[float], path: str) -> bool:
     """Loss versus alpha at every search (left) and the same curves rescaled to [0, 1] (right).
 
-    Colour follows the optimizer step of the search; a dot marks the chosen alpha. Searches that saw a
-    non-finite gradient (no losses) are left out. Returns whether a file was written.
+    Colour follows the optimizer step of the search; a dot marks the chosen alpha. A search that evaluated part
+    of the grid (``alpha_search="ternary"``) is drawn at the alphas it evaluated (its ``"alphas"``) with
+    markers. Searches that saw a non-finite gradient (no losses) are left out. Returns whether a file was
+    written.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    searches = [s for s in search_history if len(s.get("losses", ())) == len(alpha_grid)]
+    def alphas_of(search: dict[str, Any]) -> Sequence[float]:
+        return search.get("alphas", alpha_grid)
+
+    searches = [s for s in search_history if s.get("losses") and len(s["losses"]) == len(alphas_of(s))]
     if not searches:
         return False
     steps = [s.get("step", i) for i, s in enumerate(searches)]
@@ -65,13 +70,14 @@ def plot_alpha_search(search_history: Sequence[dict[str, Any]], alpha_grid: Sequ
     fig = _figure(2)
     raw, shape = fig.subplots(1, 2)
     for search, step in zip(searches, steps):
-        losses = search["losses"]
+        alphas, losses = list(alphas_of(search)), search["losses"]
         low, high = min(losses), max(losses)
         scaled = [(v - low) / (high - low) if high > low else 0.0 for v in losses]
-        best = losses.index(high)
+        best = alphas.index(search["alpha"]) if search.get("alpha") in alphas else losses.index(high)
+        style = ".-" if "alphas" in search else "-"
         for ax, values in ((raw, losses), (shape, scaled)):
-            ax.plot(alpha_grid, values, color=cmap(norm(step)), lw=1.2, alpha=0.8)
-            ax.plot(alpha_grid[best], values[best], "o", color=cmap(norm(step)), ms=4)
+            ax.plot(alphas, values, style, color=cmap(norm(step)), lw=1.2, ms=3, alpha=0.8)
+            ax.plot(alphas[best], values[best], "o", color=cmap(norm(step)), ms=4)
     for ax in (raw, shape):
         ax.axvline(1.0, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("alpha  (0 = ascent direction v0, 1 = SAM's g_k)")

@@ -21,6 +21,7 @@ CASES = {
     "global": dict(rho=0.3, max_steps=6, sam_perturbation="global"),
     "local_accumulation": dict(rho=0.3, max_steps=3, gradient_accumulation_steps=2, alpha_search_interval=2),
     "global_accumulation": dict(rho=0.3, max_steps=3, gradient_accumulation_steps=2, sam_perturbation="global"),
+    "local_ternary": dict(rho=0.3, max_steps=6, alpha_search="ternary", alpha_search_interval=1),
 }
 
 
@@ -84,6 +85,7 @@ def main(out: Path) -> None:
             "weights": flat(trainer.model),
             "alpha": trainer.xsam.alpha,
             "searches": [s["step"] for s in trainer.xsam.search_history],
+            "search_history": trainer.xsam.search_history,
             "seen": trainer.seen,
             "logged_alpha": [e["xsam/alpha"] for e in trainer.state.log_history if "xsam/alpha" in e],
         }

@@ -24,7 +24,9 @@ EXPECTED = {
 
 def torchrun(worker: str, out: Path, result_prefix: str) -> list[dict]:
     """Run ``worker`` on WORLD processes and load what each rank saved."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "OMP_NUM_THREADS": "1"}
+    # the checkout's root too: the workers must import this checkout's hf_xsam, not an installed one
+    paths = [str(TESTS), str(TESTS.parent), str(TESTS.parent.parent)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                str(TESTS / worker), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -91,6 +93,20 @@ def test_workers_end_identical(ranks):
     for case in EXPECTED:
         assert torch.equal(ranks[0][case]["weights"], ranks[1][case]["weights"]), case
         assert ranks[0][case]["logged_alpha"] == ranks[1][case]["logged_alpha"], case
+
+
+def test_ternary_search_takes_the_same_branches_on_every_worker(ranks):
+    first, second = ranks[0]["local_ternary"], ranks[1]["local_ternary"]
+    assert not torch.equal(first["seen"][0]["x"], second["seen"][0]["x"]), "workers must see different data"
+    # theta is each worker's own ("local" ascent); what was evaluated, the averaged losses and the choice are shared
+    shared = [[{k: s[k] for k in ("step", "alpha", "alphas", "losses")} for s in r["search_history"]]
+              for r in (first, second)]
+    assert shared[0] == shared[1] and len(shared[0]) == 6
+    assert torch.equal(first["weights"], second["weights"]) and first["alpha"] == second["alpha"]
+    for record in first["search_history"]:
+        assert len(record["alphas"]) == len(record["losses"]) <= 7
+        best = max(record["losses"])
+        assert record["losses"][record["alphas"].index(record["alpha"])] == best
 
 
 def test_resume_from_multi_worker_checkpoint(ranks):
