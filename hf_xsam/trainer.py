@@ -20,9 +20,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,6 +56,9 @@ class XSAMTrainerMixin:
 
     args: XSAMConfig
     default_args_class: type = XSAMTrainingArguments
+    # Attributes that `compute_loss` may change and that the extra passes must leave as the first pass left them
+    # (see :meth:`xsam_extra_pass`); TRL trainers keep their metrics in `_metrics`.
+    xsam_protected_attributes: tuple[str, ...] = ("_metrics",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if len(args) < 2 and kwargs.get("args") is None:
@@ -65,6 +70,9 @@ class XSAMTrainerMixin:
                 f"got {type(self.args).__name__}"
             )
         self._check_supported()
+        if hasattr(self.model, "add_model_tags"):  # so that `model.push_to_hub` from any path carries the tags
+            self.model.add_model_tags(XSAM_TAGS)
+        self._xsam_extra_pass = False
         self.xsam: XSAM | None = None
         self._xsam_pending_state: dict[str, Any] | None = None
         self._xsam_totals: torch.Tensor | None = None
@@ -132,6 +140,25 @@ class XSAMTrainerMixin:
                 self._xsam_pending_state = None
         return self.xsam
 
+    @contextlib.contextmanager
+    def xsam_extra_pass(self) -> Iterator[None]:
+        """Context of the passes after the first of a micro-batch: the ascent passes and the alpha search.
+
+        Only the first pass is "the" pass for the Trainer and its subclasses. While this context is open,
+        ``self._xsam_extra_pass`` is True, and on exit the attributes named in ``xsam_protected_attributes`` are
+        put back as they were on entry (deep copies), so metrics and counters that ``compute_loss`` records see
+        the first pass only. Override it (calling ``super()``) to protect state kept another way.
+        """
+        names = [name for name in self.xsam_protected_attributes if hasattr(self, name)]
+        saved = {name: copy.deepcopy(getattr(self, name)) for name in names}
+        self._xsam_extra_pass = True
+        try:
+            yield
+        finally:
+            self._xsam_extra_pass = False
+            for name, value in saved.items():
+                setattr(self, name, value)
+
     def _sharpness_aware_step_due(self) -> bool:
         return self.args.sam_method != "none" and self.state.global_step % self.args.sam_interval == 0
 
@@ -146,9 +173,14 @@ class XSAMTrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         engine = self._xsam_engine(model)
         parent_training_step = super().training_step
+        # entered after the first pass, closed after the step: every later pass is an extra one
+        extra_passes = contextlib.ExitStack()
 
         def forward_backward() -> torch.Tensor:
-            return parent_training_step(model, inputs, num_items_in_batch)
+            loss = parent_training_step(model, inputs, num_items_in_batch)
+            if not self._xsam_extra_pass:
+                extra_passes.enter_context(self.xsam_extra_pass())
+            return loss
 
         def loss_only() -> torch.Tensor:
             with self.compute_loss_context_manager():
@@ -157,7 +189,7 @@ class XSAMTrainerMixin:
         # Under DDP every pass runs without DDP's own all-reduce: the engine reduces what it needs itself.
         # FSDP keeps its reduce-scatter on every backward (the "global" perturbation).
         sync_context = contextlib.nullcontext() if self.is_fsdp_enabled else self.accelerator.no_sync(model)
-        with sync_context:
+        with sync_context, extra_passes:
             stats = engine.step(
                 forward_backward,
                 loss_only,
