@@ -1,16 +1,19 @@
 """XSAMSFTTrainer: SFT's metrics see only the first pass, LoRA, gradient checkpointing, resume, tags, flags."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from num2words import num2words
 from peft import LoraConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import SequentialSampler
 from transformers import (
+    AutoTokenizer,
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
@@ -207,3 +210,50 @@ def test_hf_xsam_imports_without_trl():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install hf_xsam[trl]" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/sft.py
+
+TINY_LLAMA = ["--hidden_size", "16", "--intermediate_size", "32", "--num_layers", "1", "--num_heads", "2",
+              "--vocab_size", "120"]
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"]
+
+
+def run_script(monkeypatch, *args):
+    import sft
+
+    monkeypatch.setattr(sys, "argv", ["sft.py", *map(str, args)])
+    sft.main()
+
+
+def test_script_embedded_run_trains_evaluates_and_writes_the_card(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(monkeypatch, "--output_dir", out, "--num_embedded_train", 48, "--num_embedded_eval", 8, "--max_steps", 3,
+               "--alpha_search_interval", 2, *TINY_LLAMA, *QUIET)
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_exact_match", "eval_mean_token_accuracy", "eval_loss"} <= metrics.keys()
+    assert 0.0 <= metrics["eval_exact_match"] <= 1.0 and metrics["eval_samples"] == 8
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [log["xsam/alpha"] for log in state["log_history"] if "loss" in log]
+    card = ModelCard.load(out / "README.md")
+    assert {"xsam", "sharpness-aware-minimization", "sft", "trl"} <= set(card.data.tags)
+    assert "| alpha_search_interval | 2 |" in card.text
+    assert AutoTokenizer.from_pretrained(out).decode(AutoTokenizer.from_pretrained(out)("write 3,482")["input_ids"]) \
+        == "write 3,482"
+
+
+def test_script_fine_tunes_a_checkpoint_with_lora_on_json_lines(tmp_path, monkeypatch):
+    data = instructions()
+    tokenizer = train_tokenizer(data)
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    for split, rows in (("train", data), ("valid", data.select(range(4)))):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_script(monkeypatch, "--model_name_or_path", tmp_path / "ckpt", "--train_file", tmp_path / "train.jsonl",
+               "--validation_file", tmp_path / "valid.jsonl", "--do_train", "--do_eval", "--use_peft", "--lora_r", 4,
+               "--lora_target_modules", "q_proj", "v_proj", "--max_steps", 2, "--sam_method", "sam", "--bf16", "false",
+               "--use_cpu", "true", "--output_dir", tmp_path / "out", *QUIET)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert "eval_exact_match" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert "| sam_method | sam |" in ModelCard.load(tmp_path / "out" / "README.md").text
