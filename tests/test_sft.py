@@ -80,35 +80,42 @@ def train_logs(trainer):
 
 
 class MetricsAtStepStart(TrainerCallback):
-    """Entropy and token accuracy of the step's batch at the weights the step starts from, computed here."""
+    """Entropy and token accuracy of the step's micro-batches at the weights the step starts from, computed here
+    (averaged over the micro-batches, as SFTTrainer averages what it records)."""
 
     def __init__(self, trainer):
         self.trainer, self.values = trainer, []
 
     @torch.no_grad()
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        start = state.global_step * BATCH
-        rows = [self.trainer.train_dataset[i] for i in range(start, start + BATCH)]
-        batch = self.trainer.data_collator(rows)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        valid = labels != -100
-        log_probs = logits.log_softmax(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        correct = logits.argmax(-1) == labels
-        self.values.append((entropy[valid].mean().item(), correct[valid].float().mean().item()))
+        micro_batches = args.gradient_accumulation_steps
+        values = []
+        for micro in range(micro_batches):
+            start = (state.global_step * micro_batches + micro) * BATCH
+            batch = self.trainer.data_collator([self.trainer.train_dataset[i] for i in range(start, start + BATCH)])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            valid = labels != -100
+            log_probs = logits.log_softmax(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            correct = logits.argmax(-1) == labels
+            values.append((entropy[valid].mean().item(), correct[valid].float().mean().item()))
+        self.values.append(tuple(sum(v) / micro_batches for v in zip(*values)))
 
 
-def test_sft_metrics_count_only_the_first_pass(tmp_path):
-    """Ascent passes (k = 2) and an alpha search every step leave num_tokens, entropy and accuracy untouched."""
-    plain = make_trainer(tmp_path / "none", SequentialSFTTrainer, sam_method="none")
+@pytest.mark.parametrize("ascent_steps, accumulation", [(2, 1), (1, 2)])
+def test_sft_metrics_count_only_the_first_pass(tmp_path, ascent_steps, accumulation):
+    """Ascent passes and an alpha search every step leave num_tokens, entropy and accuracy untouched."""
+    settings = dict(gradient_accumulation_steps=accumulation, max_steps=6 // (2 * accumulation) + 1)
+    plain = make_trainer(tmp_path / "none", SequentialSFTTrainer, sam_method="none", **settings)
     plain.train()
-    trainer = make_trainer(tmp_path / "xsam", SequentialSFTTrainer, ascent_steps=2, completion_only_loss=True)
+    trainer = make_trainer(tmp_path / "xsam", SequentialSFTTrainer, ascent_steps=ascent_steps,
+                           completion_only_loss=True, **settings)
     expected = MetricsAtStepStart(trainer)
     trainer.add_callback(expected)
     trainer.train()
     logs, plain_logs = train_logs(trainer), train_logs(plain)
-    assert len(logs) == len(expected.values) == 3
+    assert len(logs) == len(expected.values) == settings["max_steps"]
     assert [log["num_tokens"] for log in logs] == [log["num_tokens"] for log in plain_logs]
     assert [log["num_tokens"] for log in logs] == sorted({log["num_tokens"] for log in logs})  # it grows
     for log, (entropy, accuracy) in zip(logs, expected.values):
@@ -116,7 +123,7 @@ def test_sft_metrics_count_only_the_first_pass(tmp_path):
         assert log["mean_token_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     # the first steps start from the same weights in both runs
     assert logs[0]["entropy"] == pytest.approx(plain_logs[0]["entropy"], rel=1e-6)
-    assert len(trainer.xsam.search_history) == 3
+    assert len(trainer.xsam.search_history) == settings["max_steps"]
 
 
 def lora():
@@ -149,6 +156,24 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path):
     assert runs[0].keys() == runs[1].keys()
     for name in runs[0]:
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_steps_like_fp32(tmp_path):
+    """bf16 autocast (SFTConfig's default where the hardware has it) moves the adapters as fp32 does, roughly.
+
+    SGD and a fixed alpha: Adam's normalisation and a search that picks another alpha would hide the comparison.
+    """
+    moves = []
+    for bf16 in (True, False):
+        trainer = make_trainer(tmp_path / str(bf16), peft_config=lora(), bf16=bf16, rho=0.05, alpha=1.5,
+                               alpha_search_interval=0, optim="sgd", learning_rate=0.5)
+        start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        trainer.train()
+        assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+        end = dict(trainer.model.named_parameters())
+        moves.append(torch.cat([(end[n] - start[n]).reshape(-1) for n in start]))
+    assert moves[0].isfinite().all() and moves[0].norm() > 0
+    assert torch.nn.functional.cosine_similarity(moves[0], moves[1], dim=0) > 0.95
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
