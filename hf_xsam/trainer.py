@@ -66,8 +66,8 @@ class XSAMTrainerMixin:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, XSAMConfig):
             raise TypeError(
-                f"{type(self).__name__} needs XSAMTrainingArguments (or XSAMSeq2SeqTrainingArguments), "
-                f"got {type(self.args).__name__}"
+                f"{type(self).__name__} needs {self.default_args_class.__name__} (training arguments with the XSAM "
+                f"settings), got {type(self.args).__name__}"
             )
         self._check_supported()
         if hasattr(self.model, "add_model_tags"):  # so that `model.push_to_hub` from any path carries the tags

@@ -21,7 +21,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from trl import TrlParser
+from trl import SFTConfig, TrlParser
 
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer, XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.trainer import XSAM_STATE_NAME
@@ -196,6 +196,14 @@ def test_every_xsam_trainer_tags_its_model(tmp_path):
     args = XSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, label_names=["labels"])
     XSAMTrainer(model=model, args=args)
     assert model.model_tags == ["xsam", "sharpness-aware-minimization"]
+
+
+def test_plain_sft_config_is_refused_with_the_class_to_use(tmp_path):
+    data = instructions()
+    tokenizer = train_tokenizer(data)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True)
+    with pytest.raises(TypeError, match="XSAMSFTTrainer needs XSAMSFTConfig .* got SFTConfig"):
+        XSAMSFTTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=data, processing_class=tokenizer)
 
 
 @pytest.mark.parametrize("parser_class", [HfArgumentParser, TrlParser])
