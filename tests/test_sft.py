@@ -290,3 +290,28 @@ def test_script_fine_tunes_a_checkpoint_with_lora_on_json_lines(tmp_path, monkey
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert "eval_exact_match" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert "| sam_method | sam |" in ModelCard.load(tmp_path / "out" / "README.md").text
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_script_trains_on_chat_json_lines_and_refuses_them_without_a_chat_template(tmp_path, monkeypatch):
+    data = instructions()
+    chats = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
+             for p, c in zip(list(data["prompt"]), list(data["completion"]))]
+    for name, rows in (("train", chats), ("valid", chats[:4])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files = ["--train_file", tmp_path / "train.jsonl", "--validation_file", tmp_path / "valid.jsonl", "--do_train",
+             "--do_eval", "--max_steps", 2, "--bf16", "false", "--use_cpu", "true", *QUIET]
+    with pytest.raises(ValueError, match="Chat data needs a tokenizer with a chat template"):
+        run_script(monkeypatch, *files, "--output_dir", tmp_path / "scratch", *TINY_LLAMA)
+    tokenizer = train_tokenizer(data)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    run_script(monkeypatch, "--model_name_or_path", tmp_path / "ckpt", *files, "--output_dir", tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert "eval_mean_token_accuracy" in metrics and "eval_exact_match" not in metrics
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert [log["num_tokens"] for log in state["log_history"] if "loss" in log][-1] > 0
