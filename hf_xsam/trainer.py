@@ -50,7 +50,9 @@ class XSAMTrainerMixin:
     """Overrides `training_step` to take an XSAM step; everything else is the Trainer's.
 
     Each pass runs through the parent's `training_step`, so loss scaling (fp16), gradient-accumulation
-    normalisation, custom `compute_loss` and label smoothing behave as with the plain Trainer. The
+    normalisation, custom `compute_loss` and label smoothing behave as with the plain Trainer. Only the first
+    pass of a micro-batch counts for the Trainer's bookkeeping: the later passes run inside
+    :meth:`xsam_extra_pass`, which puts back what `compute_loss` records (``xsam_protected_attributes``). The
     engine's state (alpha and the search schedule) is saved with every checkpoint and restored on resume.
     """
 
