@@ -15,15 +15,22 @@ Memory runs each configuration in a fresh process (peak RSS is per process): pea
 allocated, and the bytes held by live tensors between steps, whose excess over the base optimizer is what
 XSAM keeps (its saved weights, and the accumulated direction with gradient accumulation).
 
-Usage (the README's tables):
+On a GPU (``--device cuda``), ``--size base`` is a ViT-Base (86M parameters) built from its config, big enough
+for the passes to be compute-bound; ``--bf16`` trains it under bf16 autocast as users would, and the memory
+table reports ``torch.cuda.max_memory_allocated`` per configuration. ``benchmarks/gpu_check.sh`` runs it so.
+
+Usage (the README's tables; the GPU check):
     python benchmarks/benchmark.py --rounds 80 --profile --json outputs/benchmark_small.json
     python benchmarks/benchmark.py --size large --rounds 6 --warmup 1 --profile --json outputs/benchmark_large.json
+    python benchmarks/benchmark.py --device cuda --bf16 --tasks vit --size base --search-every 400 \
+        --configs base sam xsam xsam-search --memory-configs base sam xsam xsam-search --json outputs/gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.autograd.profiler import record_function
-from transformers import Trainer
+from transformers import Trainer, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
 from toy_tasks import SIZES, TASKS, Task, build_task
@@ -64,7 +71,16 @@ CONFIGS = {
 }
 TIMED = ["base", "base-2pass", "sam", "xsam", "xsam-search", "xsam-interval2", "sam-k2", "xsam-k2"]
 MEASURED_MEMORY = ["base", "sam", "xsam-search", "base-ga2", "xsam-ga2"]
-BATCH_SIZE = {("vit", "small"): 64, ("vit", "large"): 32, ("marian", "small"): 32, ("marian", "large"): 32}
+BATCH_SIZE = {
+    ("vit", "small"): 64,
+    ("vit", "large"): 32,
+    ("vit", "base"): 64,
+    ("marian", "small"): 32,
+    ("marian", "large"): 32,
+}
+# "base": ViT-Base's transformer (hidden 768, 12 layers, 12 heads, MLP 3072: 86M parameters) on the large
+# task's 16x16 digits, one patch per pixel, so that a sequence has 257 tokens as ViT-B/16 has at 256 px
+BENCHMARK_SIZES = (*SIZES, "base")
 LABELS = ("forward_backward", "forward", "optimizer")
 
 
@@ -115,7 +131,30 @@ class Runner:
             trainer.state.global_step += 1
 
 
-def make_runner(task: Task, name: str, output_dir: str, trainer_class: type = XSAMTrainer) -> Runner:
+@dataclass(frozen=True)
+class Setup:
+    """Where and how the steps run: ``device`` "auto" (the Trainer's choice), "cpu" or "cuda"; bf16
+    autocast; the batch size (``None``: the size's default)."""
+
+    device: str = "auto"
+    bf16: bool = False
+    batch_size: int | None = None
+
+
+def make_task(name: str, size: str, seed: int) -> Task:
+    """The toy task ``name`` with a model of ``size`` (one of ``BENCHMARK_SIZES``)."""
+    if size != "base":
+        return build_task(name, size, seed)
+    if name != "vit":
+        raise ValueError(f"Invalid size 'base' for task {name!r}: the base preset is a ViT")
+    task = build_task("vit", "large", seed)  # its data: 16x16 digits
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=16, patch_size=1, num_channels=1, hidden_size=768, num_hidden_layers=12,
+                       num_attention_heads=12, intermediate_size=3072, num_labels=10)
+    return dataclasses.replace(task, size="base", model=ViTForImageClassification(config))
+
+
+def make_runner(task: Task, name: str, output_dir: str, setup: Setup, trainer_class: type = XSAMTrainer) -> Runner:
     settings, passes, accumulation, steps = CONFIGS[name]
     args = XSAMTrainingArguments(
         output_dir=output_dir,
@@ -123,11 +162,15 @@ def make_runner(task: Task, name: str, output_dir: str, trainer_class: type = XS
         learning_rate=1e-4,
         gradient_accumulation_steps=accumulation,
         rho=0.05,
+        use_cpu=setup.device == "cpu",
+        bf16=setup.bf16,
         **settings,
     )
+    if setup.device == "cuda" and args.device.type != "cuda":
+        raise RuntimeError(f"--device cuda, but the Trainer runs on {args.device}: is CUDA available?")
     trainer = trainer_class(model=copy.deepcopy(task.model), args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=NEVER)
-    batch = task.batch(BATCH_SIZE[task.name, task.size])
+    batch = task.batch(setup.batch_size or BATCH_SIZE[task.name, task.size])
     return Runner(name, trainer, batch, passes, accumulation, steps)
 
 
@@ -152,10 +195,12 @@ class Clock:
         return self.now() - begin
 
 
-def time_task(task: Task, rounds: int, warmup: int, seed: int, clock_kind: str) -> dict[str, list[float]]:
+def time_task(
+    task: Task, rounds: int, warmup: int, seed: int, clock_kind: str, setup: Setup, configs: list[str]
+) -> dict[str, list[float]]:
     """Seconds per optimizer step of every timed configuration, one value per round."""
     with tempfile.TemporaryDirectory() as tmp:
-        runners = [make_runner(task, name, tmp) for name in TIMED]
+        runners = [make_runner(task, name, tmp, setup) for name in configs]
         clock = Clock(runners[0].trainer.args.device, clock_kind)
         for runner in runners:
             for _ in range(warmup):
@@ -182,31 +227,39 @@ def paired_difference(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
-    """Medians, ratios and the decomposition of a SAM step into passes, optimizer and XSAM arithmetic (paired)."""
+    """Medians, ratios and the decomposition of a SAM step into passes, optimizer and XSAM arithmetic (paired).
+
+    ``times`` needs "base", "sam", "xsam" and "xsam-search"; the figures that need other configurations
+    ("base-2pass", "sam-k2", "xsam-k2") are left out when those were not timed.
+    """
     times = dict(times)
     for base_name, name in (("xsam", "xsam-amortised"), ("xsam-k2", "xsam-k2-amortised")):
-        times[name] = [
-            t + (search - plain) / search_every
-            for t, search, plain in zip(times[base_name], times["xsam-search"], times["xsam"])
-        ]
+        if base_name in times:
+            times[name] = [
+                t + (search - plain) / search_every
+                for t, search, plain in zip(times[base_name], times["xsam-search"], times["xsam"])
+            ]
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {f"{name}/base": paired_ratio(times, name, "base") for name in times if name != "base"}
-    ratios["xsam/sam"] = paired_ratio(times, "xsam", "sam")
-    ratios["xsam-amortised/sam"] = paired_ratio(times, "xsam-amortised", "sam")
-    ratios["xsam-k2-amortised/sam-k2"] = paired_ratio(times, "xsam-k2-amortised", "sam-k2")
-    one_pass = paired_difference(times, "base-2pass", "base")
+    for num, den in (("xsam", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2")):
+        if num in times and den in times:
+            ratios[f"{num}/{den}"] = paired_ratio(times, num, den)
     search_extra = paired_difference(times, "xsam-search", "xsam")
+    decomposition = {"search": search_extra}
+    if "base-2pass" in times:
+        one_pass = paired_difference(times, "base-2pass", "base")
+        decomposition = {
+            "forward_backward_pass": one_pass,
+            "optimizer_and_clip": medians["base"] - one_pass,
+            "sam_arithmetic": paired_difference(times, "sam", "base-2pass"),
+            "search": search_extra,
+        }
     return {
         "times_s": times,
         "median_s": medians,
         "ratios": ratios,
         "search_every": search_every,
-        "decomposition_s": {
-            "forward_backward_pass": one_pass,
-            "optimizer_and_clip": medians["base"] - one_pass,
-            "sam_arithmetic": paired_difference(times, "sam", "base-2pass"),
-            "search": search_extra,
-        },
+        "decomposition_s": decomposition,
         # steps between searches for which the amortised search costs at most 2 % of a SAM step
         "search_every_for_2_percent": search_extra / (0.02 * medians["sam"]),
     }
@@ -223,15 +276,15 @@ def live_tensor_bytes(trainer: Trainer) -> int:
     return sum(storages.values())
 
 
-def memory_child(task_name: str, size: str, name: str, seed: int) -> dict:
+def memory_child(task_name: str, size: str, name: str, seed: int, setup: Setup) -> dict:
     """Runs in a fresh process: a few units of one configuration, then its memory figures.
 
     Live tensor bytes are sampled between steps (what persists), and at the start of every pass and
     before every optimizer step (what lives while parameter-sized buffers are busy, e.g. during a search).
     """
-    task = build_task(task_name, size, seed)
+    task = make_task(task_name, size, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        runner = make_runner(task, name, tmp)
+        runner = make_runner(task, name, tmp, setup)
         trainer, device = runner.trainer, runner.trainer.args.device
         runner.unit()
         gc.collect()
@@ -265,11 +318,14 @@ def memory_child(task_name: str, size: str, name: str, seed: int) -> dict:
         }
 
 
-def measure_memory(task_name: str, size: str, seed: int, threads: int) -> dict[str, dict]:
+def measure_memory(
+    task_name: str, size: str, seed: int, threads: int, setup: Setup, configs: list[str]
+) -> dict[str, dict]:
     results = {}
-    for name in MEASURED_MEMORY:
+    for name in configs:
         command = [sys.executable, os.path.abspath(__file__), "--memory-child", task_name, size, name]
-        command += ["--seed", str(seed), "--threads", str(threads)]
+        command += ["--seed", str(seed), "--threads", str(threads), "--device", setup.device]
+        command += ["--bf16"] * setup.bf16 + ["--batch-size", str(setup.batch_size)] * bool(setup.batch_size)
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])
     return results
@@ -295,10 +351,10 @@ def summarise_memory(memory: dict[str, dict]) -> dict:
     return {"parameter_bytes": parameter_bytes, "peak": peak_key, "configs": rows}
 
 
-def profile_step(task: Task, steps: int) -> dict:
+def profile_step(task: Task, steps: int, setup: Setup) -> dict:
     """Where an XSAM step's time goes outside forward/backward, from the torch profiler's top-level ranges."""
     with tempfile.TemporaryDirectory() as tmp:
-        runner = make_runner(task, "xsam", tmp, trainer_class=ProfiledXSAMTrainer)
+        runner = make_runner(task, "xsam", tmp, setup, trainer_class=ProfiledXSAMTrainer)
         for _ in range(3):
             runner.unit()
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -347,29 +403,34 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
-def markdown(task_name: str, size: str, timing: dict, memory: dict | None, threads: int, clock: str) -> str:
+def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where: str) -> str:
     medians, ratios = timing["median_s"], timing["ratios"]
     lines = [
-        f"### {task_name} ({size}), {threads} thread(s), {clock} clock",
+        f"### {task_name} ({size}), {where}",
         "",
         "| config | ms / step | / base (IQR) |",
         "| --- | ---: | ---: |",
     ]
-    for name in TIMED + ["xsam-amortised", "xsam-k2-amortised"]:
+    for name in [n for n in TIMED + ["xsam-amortised", "xsam-k2-amortised"] if n in medians]:
         if name == "base":
             lines.append(f"| base | {_ms(medians[name])} | 1 |")
             continue
         median, q1, q3 = ratios[f"{name}/base"]
         lines.append(f"| {name} | {_ms(medians[name])} | {median:.3f} ({q1:.3f}-{q3:.3f}) |")
     lines += ["", f"Search amortised over {timing['search_every']} steps."]
-    for key in ("xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2"):
-        median, q1, q3 = ratios[key]
-        lines.append(f"- {key}: {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
+    for key in ("sam/base", "xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2"):
+        if key in ratios:
+            median, q1, q3 = ratios[key]
+            lines.append(f"- {key}: {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
     parts = timing["decomposition_s"]
+    passes = ""
+    if "forward_backward_pass" in parts:
+        passes = (
+            f"one forward+backward pass {_ms(parts['forward_backward_pass'])} ms, optimizer+clip "
+            f"{_ms(parts['optimizer_and_clip'])} ms, SAM arithmetic {_ms(parts['sam_arithmetic'])} ms, "
+        )
     lines.append(
-        f"- one forward+backward pass {_ms(parts['forward_backward_pass'])} ms, optimizer+clip "
-        f"{_ms(parts['optimizer_and_clip'])} ms, SAM arithmetic {_ms(parts['sam_arithmetic'])} ms, "
-        f"one search {_ms(parts['search'])} ms (<= 2 % of a SAM step when searching every "
+        f"- {passes}one search {_ms(parts['search'])} ms (<= 2 % of a SAM step when searching every "
         f">= {timing['search_every_for_2_percent']:.0f} steps)"
     )
     if memory is not None:
@@ -394,7 +455,25 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, threa
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--size", choices=SIZES, default="small", help="model configuration")
+    parser.add_argument(
+        "--size", choices=BENCHMARK_SIZES, default="small", help="model configuration ('base': ViT-Base, vit only)"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (auto: the Trainer's choice)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as `--bf16` of the Trainer")
+    parser.add_argument("--batch-size", type=int, help="examples per step (default: per task and size)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=TIMED,
+        default=TIMED,
+        help="timed configurations (at least base sam xsam xsam-search)",
+    )
+    parser.add_argument(
+        "--memory-configs", nargs="+", choices=list(CONFIGS), default=MEASURED_MEMORY,
+        help="configurations whose memory is measured (base at least; base-ga2 for the -ga2 ones)",
+    )
     parser.add_argument("--rounds", type=int, default=60, help="timed rounds (one unit per configuration each)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed units per configuration first")
     parser.add_argument("--search-every", type=int, default=200, help="steps between alpha searches, amortised")
@@ -414,21 +493,30 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    setup = Setup(args.device, args.bf16, args.batch_size)
     if args.memory_child:
-        print(json.dumps(memory_child(*args.memory_child, args.seed)))
+        print(json.dumps(memory_child(*args.memory_child, args.seed, setup)))
         return
-    results = {"settings": vars(args), "torch": torch.__version__, "tasks": {}}
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    where = f"{torch.cuda.get_device_name()}, CUDA events" if on_cuda else f"CPU, {args.threads} thread(s)"
+    where += ", bf16 autocast" if args.bf16 else ", fp32"
+    where += "" if on_cuda else f", {args.clock} clock"
+    results = {"settings": vars(args), "torch": torch.__version__, "device": where, "tasks": {}}
     for task_name in args.tasks:
-        task = build_task(task_name, args.size, args.seed)
-        times = time_task(task, args.rounds, args.warmup, args.seed, args.clock)
+        task = make_task(task_name, args.size, args.seed)
+        results["tasks"][task_name] = {"parameters": sum(p.numel() for p in task.model.parameters())}
+        times = time_task(task, args.rounds, args.warmup, args.seed, args.clock, setup, args.configs)
         timing = summarise_times(times, args.search_every)
         memory = None
         if not args.no_memory:
-            memory = summarise_memory(measure_memory(task_name, args.size, args.seed, args.threads))
-        results["tasks"][task_name] = {"timing": timing, "memory": memory}
+            memory = summarise_memory(
+                measure_memory(task_name, args.size, args.seed, args.threads, setup, args.memory_configs)
+            )
+        results["tasks"][task_name].update(timing=timing, memory=memory)
         if args.profile:
-            results["tasks"][task_name]["profile"] = profile_step(task, steps=10)
-        print(markdown(task_name, args.size, timing, memory, args.threads, args.clock), flush=True)
+            results["tasks"][task_name]["profile"] = profile_step(task, steps=10, setup=setup)
+        parameters = results["tasks"][task_name]["parameters"] / 1e6
+        print(markdown(task_name, args.size, timing, memory, f"{parameters:.1f}M parameters, {where}"), flush=True)
         if args.profile:
             print(json.dumps(results["tasks"][task_name]["profile"], indent=2), flush=True)
     if args.json:

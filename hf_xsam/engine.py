@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,14 +43,30 @@ from torch.distributed.tensor import DTensor
 from .config import XSAMConfig
 from .geometry import angle, global_dot, global_norm, slerp_coefficients
 from .guards import RunningStatsGuard, replayed_random_state
+from .state import validate_state
 
-__all__ = ["XSAM", "XSAMStepStats"]
+__all__ = ["XSAM", "XSAMStepStats", "check_one_device"]
 
 GradientReducer = Callable[[list[Tensor]], None]
+# The searches kept in `search_history` (enough for the model card and the plots); older ones are counted only.
+SEARCH_HISTORY_LENGTH = 64
+# The ascent counts as stalled when it moved the weights less than this fraction of one ascent step.
+STALLED_ASCENT = 0.5
 
 
 def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def check_one_device(params: Iterable[Tensor]) -> None:
+    """Refuse trainable parameters spread over several devices, naming the alternatives."""
+    devices = sorted({str(p.device) for p in params if p.requires_grad})
+    if len(devices) > 1:
+        raise ValueError(
+            f"XSAM needs the trainable parameters on one device, found them on {', '.join(devices)} (a model "
+            "split by `device_map` or offloaded to the CPU): load the model on one device, or shard it "
+            "with FSDP2 (`fsdp_config={'fsdp_version': 2}`)"
+        )
 
 
 @dataclass
@@ -60,6 +77,11 @@ class XSAMStepStats:
     ascent_loss: Tensor
     theta: Tensor
     nonfinite: Tensor
+    """A pass of this micro-batch produced a non-finite gradient (its direction is poisoned with NaN)."""
+    stalled: Tensor
+    """The ascent moved the weights less than half a step (rho below the weights' float resolution)."""
+    skip: Tensor
+    """The optimizer step must be skipped: a micro-batch of it was non-finite, on any worker (last micro-batch)."""
 
 
 class XSAM:
@@ -104,6 +126,7 @@ class XSAM:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("XSAM got no parameter with requires_grad=True: there is nothing to train")
+        check_one_device(self.params)
         # FSDP2 shards parameters as DTensors: the engine works on local shards and sums norms and dot
         # products over the shards with one all-reduce each
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
@@ -117,9 +140,13 @@ class XSAM:
         self.reduce_losses = reduce_losses
         self.last_search_step: int | None = None
         self.last_search_epoch: int | None = None
-        self.search_history: list[dict[str, Any]] = []
+        self.search_count = 0
+        self.search_history: deque[dict[str, Any]] = deque(maxlen=SEARCH_HISTORY_LENGTH)
         self._saved: dict[Tensor, Tensor] = {}
         self._accumulated: dict[Tensor, Tensor] = {}
+        self._last_buffers: tuple[tuple[int, ...] | None, list[Tensor]] = (None, [])
+        # whether a micro-batch of the current optimizer step was non-finite (OR over micro-batches)
+        self._step_nonfinite: Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------
     # schedule and state
@@ -135,20 +162,46 @@ class XSAM:
         return step - self.last_search_step >= self.config.alpha_search_interval
 
     def state_dict(self) -> dict[str, Any]:
-        """The alpha in use and the search schedule, as plain Python values (JSON-serialisable)."""
+        """The alpha in use, the search schedule and the recent searches, as JSON-serialisable values."""
         return {
             "alpha": self.alpha,
             "last_search_step": self.last_search_step,
             "last_search_epoch": self.last_search_epoch,
+            "search_count": self.search_count,
             "search_history": list(self.search_history),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; missing keys keep their defaults."""
-        self.alpha = float(state.get("alpha", self.alpha))
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Restore what :meth:`state_dict` returned, under the current settings; returns what was not taken.
+
+        The settings win over the saved state: the saved alpha is used only where the settings search alpha
+        and it lies on the current grid. Otherwise alpha is the one the settings give (and a search is due at
+        once where the settings search). Each returned line names the saved and the used value.
+
+        Raises:
+            ValueError: naming the field, when the state is damaged (see :func:`hf_xsam.state.validate_state`).
+        """
+        state = validate_state(state)
+        self.search_count = state["search_count"]
+        self.search_history = deque(state["search_history"], maxlen=SEARCH_HISTORY_LENGTH)
         self.last_search_step = state.get("last_search_step")
         self.last_search_epoch = state.get("last_search_epoch")
-        self.search_history = list(state.get("search_history", []))
+        saved_alpha, config = state["alpha"], self.config
+        on_grid = any(abs(saved_alpha - a) < 1e-9 for a in config.alpha_grid)
+        if config.searches_alpha and on_grid:
+            self.alpha = saved_alpha
+            return []
+        self.alpha = config.initial_alpha
+        if config.searches_alpha:
+            self.last_search_step = self.last_search_epoch = None
+            reason = f"it is not on the search grid 0..{config.alpha_max:g} step {config.alpha_step:g}; searching again"
+        elif config.sam_method == "sam":
+            reason = "sam_method='sam' uses alpha 1"
+        else:
+            reason = "the alpha search is off (alpha_search_interval=0), so the alpha setting applies"
+        if saved_alpha == self.alpha:
+            return []
+        return [f"saved alpha {saved_alpha:g} not used ({reason}): alpha is {self.alpha:g}"]
 
     # ----------------------------------------------------------------------------------------------
     # the step
@@ -156,14 +209,23 @@ class XSAM:
     def _active(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The parameters with a gradient, and their (local shards of) weights and gradients."""
         owners = [p for p in self.params if p.grad is not None]
-        return owners, [_local(p) for p in owners], [_local(p.grad) for p in owners]
+        return owners, self._locals(owners), self._gradients(owners)
 
-    @staticmethod
-    def _buffers(store: dict[Tensor, Tensor], owners: list[Tensor]) -> list[Tensor]:
-        for p in owners:
-            if p not in store:
-                store[p] = torch.zeros_like(_local(p))
-        return [store[p] for p in owners]
+    def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
+        return [_local(t) for t in tensors] if self.sharded else tensors
+
+    def _gradients(self, owners: list[Tensor]) -> list[Tensor]:
+        return self._locals([p.grad for p in owners])
+
+    def _buffers(self, store: dict[Tensor, Tensor], owners: list[Tensor]) -> list[Tensor]:
+        """The buffers of ``owners`` in ``store`` (made on first use); the last list is reused while they last."""
+        key = (id(store), *map(id, owners))
+        if self._last_buffers[0] != key:
+            for p in owners:
+                if p not in store:
+                    store[p] = torch.zeros_like(_local(p))
+            self._last_buffers = (key, [store[p] for p in owners])
+        return self._last_buffers[1]
 
     def _norm(self, tensors: list[Tensor]) -> Tensor:
         if not self.sharded:
@@ -206,9 +268,10 @@ class XSAM:
 
         Returns:
             :class:`XSAMStepStats` with the loss at ``w0``, the loss at the ascent point, the angle theta
-            (radians) and whether a gradient was non-finite (then ``p.grad`` is non-finite too, so a
-            gradient scaler skips the step).
+            (radians), whether a gradient was non-finite (then ``p.grad`` is non-finite too, so a gradient
+            scaler skips the step), whether the ascent stalled, and whether the optimizer step must be skipped.
         """
+        config = self.config
         with torch.enable_grad():
             loss = forward_backward()
         owners, params, grads = self._active()
@@ -218,13 +281,13 @@ class XSAM:
         nonfinite = torch.zeros((), dtype=torch.bool, device=loss.device)
         try:
             with self.running_stats:
-                for i in range(self.config.ascent_steps):
+                for i in range(config.ascent_steps):
                     if i > 0:
                         grads = self._fresh_gradient(forward_backward, owners, grads)[1]
                     norm = self._norm(grads)
                     finite = torch.isfinite(norm)
                     nonfinite |= ~finite
-                    scale = torch.where(finite, (self.config.rho / self.config.ascent_steps) / (norm + self.config.sam_eps), 0.0)
+                    scale = torch.where(finite, (config.rho / config.ascent_steps) / (norm + config.sam_eps), 0.0)
                     # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass refills it)
                     torch._foreach_mul_(grads, scale)
                     torch._foreach_add_(params, grads)
@@ -234,23 +297,42 @@ class XSAM:
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
                 displacement_norm = self._norm(params)
-                theta = angle(self._dot(params, grads), displacement_norm, grad_norm, self.config.sam_eps)
+                # an ascent that rounded away (rho below the weights' resolution) leaves no plane: theta = 0
+                # makes u(alpha) = v1, SAM's direction, for every alpha
+                stalled = displacement_norm <= STALLED_ASCENT * config.rho / config.ascent_steps
+                theta = angle(self._dot(params, grads), displacement_norm, grad_norm, config.sam_eps)
+                theta = torch.where(stalled, 0.0, theta)
                 if loss_only is not None and self.search_due(step, epoch):
                     self._search_alpha(loss_only, params, saved, grads, theta, displacement_norm, grad_norm, nonfinite)
                     self.last_search_step, self.last_search_epoch = step, epoch
+                    self.search_count += 1
                     self.search_history[-1]["step"] = step
                 c0, c1 = slerp_coefficients(theta, self.alpha)
                 # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
-                # a non-finite pass poisons d so that the scaler skips the step
+                # a non-finite pass poisons d so that a scaler, or the trainer, skips the step
                 c1 = torch.where(nonfinite, torch.nan, c1)
-                torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + self.config.sam_eps))
+                torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + config.sam_eps))
                 torch._foreach_mul_(grads, c1)
                 torch._foreach_add_(grads, params)
         finally:
             # back to w0 exactly, whatever happened above
             torch._foreach_copy_(params, saved)
-        self._accumulate(owners, grads, accumulate)
-        return XSAMStepStats(loss=loss, ascent_loss=ascent_loss, theta=theta, nonfinite=nonfinite)
+            self._drop_late_gradients(owners)
+        skip = self._accumulate(owners, grads, accumulate, nonfinite)
+        return XSAMStepStats(loss, ascent_loss, theta, nonfinite, stalled, skip)
+
+    def _drop_late_gradients(self, owners: list[Tensor]) -> None:
+        """Parameters without a gradient in the first pass get none from this micro-batch.
+
+        A later pass may reach parameters the first did not (LayerDrop, branches used only at the ascent
+        point); their raw ascent gradient lies outside the XSAM direction.
+        """
+        if len(owners) == len(self.params):
+            return
+        owned = set(owners)
+        for p in self.params:
+            if p not in owned:
+                p.grad = None
 
     def _fresh_gradient(
         self, forward_backward: Callable[[], Tensor], owners: list[Tensor], grads: list[Tensor]
@@ -262,21 +344,33 @@ class XSAM:
         torch._foreach_zero_(grads)
         with torch.enable_grad():
             loss = forward_backward()
-        grads = [_local(p.grad) for p in owners]
+        grads = self._gradients(owners)
         self._reduce_if_global(grads)
         return loss, grads
 
-    def _accumulate(self, owners: list[Tensor], grads: list[Tensor], accumulate: bool) -> None:
+    def _accumulate(self, owners: list[Tensor], grads: list[Tensor], accumulate: bool, nonfinite: Tensor) -> Tensor:
+        """Add this micro-batch's direction to the step's; returns whether the step so far was non-finite.
+
+        On the last micro-batch the flag covers every worker in ``"local"`` mode: it travels in the same
+        all-reduce as the direction (in ``"global"`` mode every worker already saw the same gradients).
+        """
+        if self._step_nonfinite is not None:
+            nonfinite = nonfinite | self._step_nonfinite
         if accumulate:
+            self._step_nonfinite = nonfinite
             torch._foreach_add_(self._buffers(self._accumulated, owners), grads)
             torch._foreach_zero_(grads)
-            return
+            return nonfinite
+        self._step_nonfinite = None
         if self._accumulated:
             accumulated = self._buffers(self._accumulated, owners)
             torch._foreach_add_(grads, accumulated)
             torch._foreach_zero_(accumulated)
         if self.config.sam_perturbation == "local" and self.reduce_gradients is not None:
-            self.reduce_gradients(grads)
+            flag = nonfinite.to(dtype=grads[-1].dtype, device=grads[-1].device).reshape(1)
+            self.reduce_gradients([*grads, flag])
+            nonfinite = flag[0] > 0
+        return nonfinite
 
     def _search_alpha(
         self,
@@ -290,7 +384,11 @@ class XSAM:
         nonfinite: Tensor,
     ) -> None:
         """Evaluate the loss at ``w0 + rho_max u(alpha)`` on the grid and keep the alpha of the largest."""
-        if bool(nonfinite):
+        # every worker must take the same branch: decide on the flag of all of them
+        any_nonfinite = nonfinite.float().reshape(1)
+        if self.reduce_losses is not None:
+            self.reduce_losses(any_nonfinite)
+        if any_nonfinite.item() > 0:
             self.search_history.append({"alpha": self.alpha, "theta": float("nan"), "losses": []})
             return
         displacement = torch._foreach_clone(params)

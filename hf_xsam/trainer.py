@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -29,21 +29,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
 from .distributed import all_reduce_mean_
-from .engine import XSAM, XSAMStepStats
+from .engine import XSAM, XSAMStepStats, check_one_device
 from .model_card import XSAM_TAGS, add_xsam_section
+from .resume import has_full_weights, load_model_weights
+from .skipping import guard_optimizer_step
+from .state import STATE_NAME, read_state_file, write_state_file
 
-__all__ = ["XSAMTrainerMixin", "XSAMTrainer", "XSAMSeq2SeqTrainer", "XSAM_STATE_NAME"]
+__all__ = ["XSAMTrainerMixin", "XSAMTrainer", "XSAMSeq2SeqTrainer"]
 
-XSAM_STATE_NAME = "xsam_state.json"
-# Sums since the last log: theta (degrees), ascent loss and sharpness over finite micro-batches (losses
-# normalised per micro-batch as the Trainer's loss is, so their sum per step compares with `loss`), and
-# the counts of finite and of non-finite micro-batches.
-_TOTALS = 5
+logger = logging.getLogger(__name__)
 
 
 class XSAMTrainerMixin:
@@ -75,11 +74,26 @@ class XSAMTrainerMixin:
         if hasattr(self.model, "add_model_tags"):  # so that `model.push_to_hub` from any path carries the tags
             self.model.add_model_tags(XSAM_TAGS)
         self._xsam_extra_pass = False
+        self._xsam_warned: set[str] = set()
+        self._xsam_new_run()
+
+    def _xsam_new_run(self) -> None:
+        """Forget the engine and the figures of an earlier run (a resume restores its state afterwards)."""
         self.xsam: XSAM | None = None
         self._xsam_pending_state: dict[str, Any] | None = None
+        # sums since the last log: theta (degrees), ascent loss and sharpness over finite micro-batches (losses
+        # normalised per micro-batch as the Trainer's loss is, so their sum per step compares with `loss`),
+        # and the counts of finite, non-finite and stalled micro-batches
         self._xsam_totals: torch.Tensor | None = None
         self._xsam_steps = 0
         self._xsam_alpha_sum = 0.0
+        # set on the last micro-batch of an XSAM step: whether its optimizer step must be skipped
+        self._xsam_skip: torch.Tensor | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; every run builds its engine for the model it trains and starts a new schedule."""
+        self._xsam_new_run()
+        return super().train(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # construction-time checks
@@ -95,6 +109,8 @@ class XSAMTrainerMixin:
             )
         if self.is_fsdp_enabled:
             self._check_fsdp_supported()
+        if self.model is not None:
+            check_one_device(self.model.parameters())
         model_computes_loss = bool(self.label_names) or self.can_return_loss
         custom_loss = self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
         if not (model_computes_loss or custom_loss):
@@ -138,9 +154,16 @@ class XSAMTrainerMixin:
                 reduce_losses=(lambda losses: all_reduce_mean_([losses])) if distributed else None,
             )
             if self._xsam_pending_state is not None:
-                self.xsam.load_state_dict(self._xsam_pending_state)
+                for note in self.xsam.load_state_dict(self._xsam_pending_state):
+                    logger.warning(f"Resuming with other XSAM settings: {note}")
                 self._xsam_pending_state = None
+            if self.accelerator.scaler is None:  # with fp16 the GradScaler skips non-finite steps itself
+                guard_optimizer_step(self.optimizer, self._xsam_take_skip)
         return self.xsam
+
+    def _xsam_take_skip(self) -> torch.Tensor | None:
+        skip, self._xsam_skip = self._xsam_skip, None
+        return skip
 
     @contextlib.contextmanager
     def xsam_extra_pass(self) -> Iterator[None]:
@@ -200,6 +223,8 @@ class XSAMTrainerMixin:
                 accumulate=not self.accelerator.sync_gradients,
             )
         self._record_xsam_stats(stats)
+        if self.accelerator.sync_gradients:
+            self._xsam_skip = stats.skip
         return stats.loss
 
     # ----------------------------------------------------------------------------------------------
@@ -207,33 +232,38 @@ class XSAMTrainerMixin:
 
     def _record_xsam_stats(self, stats: XSAMStepStats) -> None:
         finite = ~stats.nonfinite
-        values = torch.stack(
-            [
-                torch.rad2deg(stats.theta.float()),
-                stats.ascent_loss.float(),
-                (stats.ascent_loss - stats.loss).float(),
-                finite.float(),
-                stats.nonfinite.float(),
-            ]
-        )
-        values = torch.where(finite | (torch.arange(_TOTALS, device=values.device) == _TOTALS - 1), values, 0.0)
+        measured = torch.stack([torch.rad2deg(stats.theta), stats.ascent_loss, stats.ascent_loss - stats.loss]).float()
+        counts = torch.stack([finite, stats.nonfinite, stats.stalled]).float()
+        values = torch.cat([torch.where(finite, measured, 0.0), counts])
         if self._xsam_totals is None:
-            self._xsam_totals = torch.zeros(_TOTALS, device=values.device)
+            self._xsam_totals = torch.zeros_like(values)
         self._xsam_totals += values
         if self.accelerator.sync_gradients:
             self._xsam_steps += 1
             self._xsam_alpha_sum += self.xsam.alpha
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._xsam_warned:
+            self._xsam_warned.add(key)
+            logger.warning(message)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the `xsam/*` figures, averaged since the last training log, to training logs."""
         if "loss" in logs and self._xsam_steps > 0:
             totals = self.accelerator.reduce(self._xsam_totals, reduction="mean").tolist()
-            theta, ascent_loss, sharpness, finite, nonfinite = totals
+            theta, ascent_loss, sharpness, finite, nonfinite, stalled = totals
             logs["xsam/alpha"] = self._xsam_alpha_sum / self._xsam_steps
             logs["xsam/theta"] = theta / max(finite, 1.0)
             logs["xsam/ascent_loss"] = ascent_loss / self._xsam_steps
             logs["xsam/sharpness"] = sharpness / self._xsam_steps
             logs["xsam/nonfinite"] = nonfinite
+            if nonfinite:
+                self._warn_once("nonfinite", "XSAM: a pass gave a non-finite gradient; its optimizer step was skipped "
+                                "(weights and optimizer state untouched). `xsam/nonfinite` counts such micro-batches.")
+            if stalled:
+                self._warn_once("stalled", f"XSAM: the ascent of rho={self.args.rho:g} did not move the weights "
+                                "(below their float resolution); the step fell back to SAM's direction. Use a larger "
+                                "rho.")
             self._xsam_totals.zero_()
             self._xsam_steps = 0
             self._xsam_alpha_sum = 0.0
@@ -258,20 +288,29 @@ class XSAMTrainerMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         state = self.xsam.state_dict() if self.xsam is not None else self._xsam_pending_state
         if self.args.should_save and state is not None:
-            with open(os.path.join(output_dir, XSAM_STATE_NAME), "w") as f:
-                json.dump(state, f, indent=2)
+            write_state_file(output_dir, state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, XSAM_STATE_NAME) if checkpoint else None
-        if path is None or not os.path.isfile(path):
-            return
-        with open(path) as f:
-            state = json.load(f)
-        if self.xsam is not None:
-            self.xsam.load_state_dict(state)
-        else:
-            self._xsam_pending_state = state
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, STATE_NAME)):
+            self._xsam_pending_state = read_state_file(checkpoint, self.state.global_step)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The Trainer's resume, but the weights go through the model's key conversion, all or an error."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not self._loads_full_weights(model, resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_model_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not self._loads_full_weights(model, self.state.best_model_checkpoint):
+            return super()._load_best_model()
+        load_model_weights(model, self.state.best_model_checkpoint)
+
+    def _loads_full_weights(self, model: nn.Module, folder: str) -> bool:
+        plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        return plain and isinstance(model, PreTrainedModel) and has_full_weights(folder)
 
 
 class XSAMTrainer(XSAMTrainerMixin, Trainer):

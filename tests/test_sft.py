@@ -24,7 +24,7 @@ from transformers import (
 from trl import SFTConfig, TrlParser
 
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer, XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.trainer import XSAM_STATE_NAME
+from hf_xsam.state import STATE_NAME
 
 BATCH = 4
 
@@ -184,7 +184,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     interrupted.train()  # writes checkpoint-2 as the run above did
     resumed = make_trainer(tmp_path / "resumed", **settings)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
-    assert (tmp_path / "resumed" / "checkpoint-2" / XSAM_STATE_NAME).is_file()
+    assert (tmp_path / "resumed" / "checkpoint-2" / STATE_NAME).is_file()
     assert resumed.xsam.search_history == full.xsam.search_history
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)

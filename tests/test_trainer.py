@@ -10,7 +10,7 @@ from reference import gradient, xsam_direction
 from transformers import Trainer, TrainingArguments
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.trainer import XSAM_STATE_NAME
+from hf_xsam.state import STATE_NAME as XSAM_STATE_NAME
 
 N, BATCH, STEPS, LR = 12, 4, 6, 0.5
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
 
 from hf_xsam import XSAMTrainingArguments
@@ -31,7 +32,26 @@ class RecordingTrainer(SequentialXSAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def run(output_dir: Path, resume: str | None = None, **settings) -> RecordingTrainer:
+class InfOnRankOne(RecordingTrainer):
+    """Rank 1 alone gets an infinite loss at the ascent point of optimizer step 1."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step != getattr(self, "step", None):
+            self.step, self.calls = self.state.global_step, 0
+        self.calls += 1
+        if os.environ["RANK"] == "1" and self.step == 1 and self.calls == 2:
+            loss = loss * float("inf")
+        return loss
+
+
+class WeightsAfterEachStep(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(flat(model))
+
+
+def run(output_dir: Path, resume: str | None = None, trainer_class: type = RecordingTrainer,
+        **settings) -> RecordingTrainer:
     defaults = dict(
         per_device_train_batch_size=2,
         learning_rate=LR,
@@ -46,8 +66,11 @@ def run(output_dir: Path, resume: str | None = None, **settings) -> RecordingTra
         save_strategy="no",
     )
     args = XSAMTrainingArguments(output_dir=str(output_dir), **{**defaults, **settings})
-    trainer = RecordingTrainer(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=N)))
-    trainer.seen = []
+    weights = WeightsAfterEachStep()
+    weights.weights = [flat(TinyClassifier())]
+    trainer = trainer_class(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=N)),
+                            callbacks=[weights])
+    trainer.seen, trainer.weights = [], weights.weights
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -72,6 +95,14 @@ def main(out: Path) -> None:
         "resumed": flat(resumed.model),
         "alphas": (straight.xsam.alpha, resumed.xsam.alpha),
     }
+    for optim in ("sgd", "adamw_torch_fused"):
+        # a search on the bad step too: every worker must take the same branch
+        bad = run(out / f"nonfinite-{optim}", trainer_class=InfOnRankOne, rho=0.3, max_steps=3, optim=optim,
+                  alpha_search_interval=1)
+        results[f"nonfinite-{optim}"] = {
+            "weights": bad.weights,
+            "nonfinite": [e["xsam/nonfinite"] for e in bad.state.log_history if "xsam/nonfinite" in e],
+        }
     torch.save(results, out / f"rank{rank}.pt")
 
 

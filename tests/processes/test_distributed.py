@@ -99,6 +99,18 @@ def test_resume_from_multi_worker_checkpoint(ranks):
         assert ranks[r]["resume"]["alphas"][0] == ranks[r]["resume"]["alphas"][1]
 
 
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch_fused"])
+def test_a_nonfinite_pass_on_one_worker_skips_the_step_on_all(ranks, optim):
+    results = [ranks[r][f"nonfinite-{optim}"] for r in range(WORLD)]
+    for result in results:
+        before, after, last = result["weights"][1:4]
+        assert torch.equal(after, before), "step 1 is skipped"
+        assert not torch.equal(last, after) and torch.isfinite(last).all(), "training continues"
+    assert torch.equal(results[0]["weights"][-1], results[1]["weights"][-1])
+    # the count is averaged over workers: one of two saw it
+    assert results[0]["nonfinite"] == results[1]["nonfinite"] == [0, 0.5, 0]
+
+
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory):
     return torchrun("fsdp_worker.py", tmp_path_factory.mktemp("fsdp"), "fsdp_rank")
