@@ -138,7 +138,8 @@ def main() -> None:
     live = {name: value - memory["none"] for name, value in memory.items()}
     result = {"settings": vars(args) | {"json": str(args.json)}, "median_s": medians, "ratios": ratios,
               "sizes": sizes, "live_tensor_bytes_over_none": live}
-    print(f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, LoRA r={args.lora_r}, "
+    print(f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, "
+          f"LoRA r={args.lora_r}, "
           f"gradient checkpointing, CPU {args.threads} thread(s), {args.rounds} rounds")
     for name, value in medians.items():
         print(f"  {name:12s} {1e3 * value:8.1f} ms/step")

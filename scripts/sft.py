@@ -148,7 +148,9 @@ def number_instructions(num_train: int, num_eval: int, seed: int = 0) -> Dataset
     """
     capacity = sum(len(numbers) for _, _, numbers in TASKS)
     if num_train + num_eval > capacity:
-        raise ValueError(f"The embedded instructions hold at most {capacity} examples, asked for {num_train + num_eval}")
+        raise ValueError(
+            f"The embedded instructions hold at most {capacity} examples, asked for {num_train + num_eval}"
+        )
     rng = random.Random(seed)
     chosen: dict[tuple[int, int], None] = {}  # insertion-ordered set: the split is reproducible
     while len(chosen) < num_train + num_eval:

@@ -213,7 +213,8 @@ def test_config_flags_parse(tmp_path, parser_class):
          "--packing", "true", "--bf16", "false", "--use_cpu", "true"]
     )
     assert isinstance(args, TrainingArguments)
-    assert (args.sam_method, args.rho, args.ascent_steps, args.packing, args.search_radius) == ("sam", 0.02, 2, True, 0.04)
+    settings = (args.sam_method, args.rho, args.ascent_steps, args.packing, args.search_radius)
+    assert settings == ("sam", 0.02, 2, True, 0.04)
     with pytest.raises(ValueError, match="Invalid rho: -1.0"):
         parser_class(XSAMSFTConfig).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--rho", "-1", "--bf16", "false", "--use_cpu", "true"]
