@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (the ratios come with quartiles), got {args.rounds}")
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
 
