@@ -1,4 +1,10 @@
-"""hf_xsam: XSAM (eXplicit Sharpness-Aware Minimization) for the Hugging Face Trainer."""
+"""hf_xsam: XSAM (eXplicit Sharpness-Aware Minimization) for the Hugging Face Trainer.
+
+`XSAMSFTTrainer` and `XSAMSFTConfig` (TRL's SFT) are imported on first use, so that hf_xsam does not need trl.
+"""
+
+from importlib.util import find_spec
+from typing import Any
 
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
@@ -17,3 +23,19 @@ __all__ = [
     "XSAMTrainingArguments",
 ]
 __version__ = "0.1.0"
+
+_TRL_EXPORTS = ("XSAMSFTConfig", "XSAMSFTTrainer")
+if find_spec("trl") is not None:  # `from hf_xsam import *` must work without trl
+    __all__ += _TRL_EXPORTS
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TRL_EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from . import sft
+    except ImportError as err:
+        if err.name is None or not err.name.startswith("trl"):
+            raise
+        raise ImportError(f"{name} needs TRL: `pip install hf_xsam[trl]` (or `pip install trl`)") from err
+    return getattr(sft, name)

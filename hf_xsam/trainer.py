@@ -20,9 +20,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,12 +49,17 @@ class XSAMTrainerMixin:
     """Overrides `training_step` to take an XSAM step; everything else is the Trainer's.
 
     Each pass runs through the parent's `training_step`, so loss scaling (fp16), gradient-accumulation
-    normalisation, custom `compute_loss` and label smoothing behave as with the plain Trainer. The
+    normalisation, custom `compute_loss` and label smoothing behave as with the plain Trainer. Only the first
+    pass of a micro-batch counts for the Trainer's bookkeeping: the later passes run inside
+    :meth:`xsam_extra_pass`, which puts back what `compute_loss` records (``xsam_protected_attributes``). The
     engine's state (alpha and the search schedule) is saved with every checkpoint and restored on resume.
     """
 
     args: XSAMConfig
     default_args_class: type = XSAMTrainingArguments
+    # Attributes that `compute_loss` may change and that the extra passes must leave as the first pass left them
+    # (see :meth:`xsam_extra_pass`); TRL trainers keep their metrics in `_metrics`.
+    xsam_protected_attributes: tuple[str, ...] = ("_metrics",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if len(args) < 2 and kwargs.get("args") is None:
@@ -60,10 +67,13 @@ class XSAMTrainerMixin:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, XSAMConfig):
             raise TypeError(
-                f"{type(self).__name__} needs XSAMTrainingArguments (or XSAMSeq2SeqTrainingArguments), "
-                f"got {type(self.args).__name__}"
+                f"{type(self).__name__} needs {self.default_args_class.__name__} (training arguments with the XSAM "
+                f"settings), got {type(self.args).__name__}"
             )
         self._check_supported()
+        if hasattr(self.model, "add_model_tags"):  # so that `model.push_to_hub` from any path carries the tags
+            self.model.add_model_tags(XSAM_TAGS)
+        self._xsam_extra_pass = False
         self._xsam_warned: set[str] = set()
         self._xsam_new_run()
 
@@ -155,6 +165,25 @@ class XSAMTrainerMixin:
         skip, self._xsam_skip = self._xsam_skip, None
         return skip
 
+    @contextlib.contextmanager
+    def xsam_extra_pass(self) -> Iterator[None]:
+        """Context of the passes after the first of a micro-batch: the ascent passes and the alpha search.
+
+        Only the first pass is "the" pass for the Trainer and its subclasses. While this context is open,
+        ``self._xsam_extra_pass`` is True, and on exit the attributes named in ``xsam_protected_attributes`` are
+        put back as they were on entry (deep copies), so metrics and counters that ``compute_loss`` records see
+        the first pass only. Override it (calling ``super()``) to protect state kept another way.
+        """
+        names = [name for name in self.xsam_protected_attributes if hasattr(self, name)]
+        saved = {name: copy.deepcopy(getattr(self, name)) for name in names}
+        self._xsam_extra_pass = True
+        try:
+            yield
+        finally:
+            self._xsam_extra_pass = False
+            for name, value in saved.items():
+                setattr(self, name, value)
+
     def _sharpness_aware_step_due(self) -> bool:
         return self.args.sam_method != "none" and self.state.global_step % self.args.sam_interval == 0
 
@@ -169,9 +198,14 @@ class XSAMTrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         engine = self._xsam_engine(model)
         parent_training_step = super().training_step
+        # entered after the first pass, closed after the step: every later pass is an extra one
+        extra_passes = contextlib.ExitStack()
 
         def forward_backward() -> torch.Tensor:
-            return parent_training_step(model, inputs, num_items_in_batch)
+            loss = parent_training_step(model, inputs, num_items_in_batch)
+            if not self._xsam_extra_pass:
+                extra_passes.enter_context(self.xsam_extra_pass())
+            return loss
 
         def loss_only() -> torch.Tensor:
             with self.compute_loss_context_manager():
@@ -180,7 +214,7 @@ class XSAMTrainerMixin:
         # Under DDP every pass runs without DDP's own all-reduce: the engine reduces what it needs itself.
         # FSDP keeps its reduce-scatter on every backward (the "global" perturbation).
         sync_context = contextlib.nullcontext() if self.is_fsdp_enabled else self.accelerator.no_sync(model)
-        with sync_context:
+        with sync_context, extra_passes:
             stats = engine.step(
                 forward_backward,
                 loss_only,
