@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     parser.add_argument("--output_dir", default="runs/study")
     parser.add_argument("--name", default="results", help="file name of the summary (json, md, png)")
+    parser.add_argument("--report_only", action="store_true", help="summarise the recorded runs, train none")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed on to the script")
     options = parser.parse_args(argv)
     if options.task != "digits" and options.data_dir is None:
@@ -207,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                 for seed, noise, rho, method in itertools.product(options.seeds, options.label_noise, options.rho,
                                                                   options.methods)
                 if not (method == "none" and rho != options.rho[0])]  # rho does not change the base optimizer
-    results = []
+    if options.report_only:
+        settings = [s for s in settings if (output_dir / run_name(**s) / "study_run.json").exists()]
+    results, summary = [], "no run finished"
     with ThreadPoolExecutor(options.jobs) as pool:
         futures = {pool.submit(run_one, options.task, options.data_dir, setting, extra,
                                output_dir / run_name(**setting)): setting for setting in settings}

@@ -121,6 +121,8 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
     study.main(argv)
     assert len(calls) == 8  # every run was recorded: nothing trains again
     (tmp_path / study.run_name(0.5, 0.05, "none", 1) / "study_run.json").unlink()
+    study.main([*argv[:-3], "--report_only"])
+    assert len(calls) == 8 and len(json.loads((tmp_path / "tiny.json").read_text())["runs"]) == 7
     study.main(argv)
     assert len(calls) == 9 and calls[-1][calls[-1].index("--seed") + 1] == "1"
 
