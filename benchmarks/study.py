@@ -64,6 +64,7 @@ def run_name(label_noise: float, rho: float, method: str, seed: int) -> str:
 
 def summarize_run(log_history: list[dict], final_accuracy: float) -> dict:
     """Curves and their summary from a run's ``trainer_state.json`` log history (epoch-wise logs)."""
+
     def by_epoch(key: str) -> list[dict]:
         return sorted((log for log in log_history if key in log), key=lambda log: log["epoch"])
 
