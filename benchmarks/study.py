@@ -134,7 +134,7 @@ def table(results: list[dict]) -> str:
 def alpha_table(results: list[dict], alpha_max: float) -> str:
     """Markdown: XSAM's searched alpha per setting (epochs pooled over seeds)."""
     header = ["label noise", "rho", "mean alpha", "first 5 epochs", "last 5 epochs", "range",
-              f"epochs at {alpha_max:g}", "epoch-to-epoch change"]
+              f"epochs at the grid end ({alpha_max:g})", "epoch-to-epoch change"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (noise, rho, method), runs in _groups(results).items():
         if method != "xsam":
