@@ -31,7 +31,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-__all__ = ["TASKS", "run_name", "run_one", "summarize_run", "table", "alpha_table", "plot_curves", "main"]
+__all__ = ["TASKS", "run_name", "run_one", "summarize_run", "table", "paired_table", "alpha_table", "plot_curves", "main"]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
 METHODS = ["none", "sam", "xsam"]
@@ -131,6 +131,30 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results: list[dict]) -> str:
+    """Markdown: differences in final and best accuracy between two methods run with the same seed and setting
+    (same split, same noisy labels), mean ± std over seeds, and on how many seeds the first method was ahead."""
+    header = ["label noise", "rho", "comparison", "final accuracy", "ahead (final)", "best accuracy", "ahead (best)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    # rho does not change the base optimizer: its runs pair with every rho
+    runs = {(r["label_noise"], None if r["method"] == "none" else r["rho"], r["method"], r["seed"]): r
+            for r in results}
+    settings = sorted({(r["label_noise"], r["rho"]) for r in results if r["method"] != "none"})
+    for (noise, rho), (first, second) in itertools.product(settings, [("sam", "none"), ("xsam", "none"),
+                                                                      ("xsam", "sam")]):
+        second_rho = None if second == "none" else rho
+        pairs = [(run, runs[noise, second_rho, second, seed]) for (n, r, m, seed), run in runs.items()
+                 if (n, r, m) == (noise, rho, first) and (noise, second_rho, second, seed) in runs]
+        if not pairs:
+            continue
+        cells = [f"{noise:g}", f"{rho:g}", f"{first} − {second}"]
+        for key in ("final_accuracy", "best_accuracy"):
+            differences = [a[key] - b[key] for a, b in pairs]
+            cells += [_mean_std(differences, 3), f"{sum(d > 0 for d in differences)} of {len(pairs)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def alpha_table(results: list[dict], alpha_max: float) -> str:
     """Markdown: XSAM's searched alpha per setting (epochs pooled over seeds)."""
     header = ["label noise", "rho", "mean alpha", "first 5 epochs", "last 5 epochs", "range",
@@ -224,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
             summary = f"`{command}`\n\n{table(results)}\n"
+            if len({r["method"] for r in results}) > 1:
+                summary += f"\nDifferences on the same seed:\n\n{paired_table(results)}\n"
             if any(r["method"] == "xsam" for r in results):
                 summary += f"\nXSAM's alpha (searched once per epoch):\n\n{alpha_table(results, alpha_max)}\n"
             (output_dir / f"{options.name}.json").write_text(json.dumps({"command": command, "runs": results}))

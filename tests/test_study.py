@@ -111,11 +111,12 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
 
     lines = (tmp_path / "tiny.md").read_text().splitlines()
     rows = [line for line in lines if line.startswith("| 0")]
-    assert len(rows) == 4 + 2  # (noise, method) rows, then one alpha row per noise level
+    assert len(rows) == 4 + 2 + 2  # (noise, method) rows, then xsam - none and alpha per noise level
     spread = statistics.stdev([0.8, 0.81])
     assert rows[3] == (f"| 0.5 | 0.05 | xsam | 0.805 ± {spread:.3f} | 0.805 ± {spread:.3f} | 2.0 ± 0.0 | "
                        "0.900 ± 0.000 | " + rows[3].split(" | ")[7] + " | 2 |")
-    assert rows[5] == "| 0.5 | 0.05 | 1.75 | 1.75 | 1.75 | 1.5 to 2.0 | 50% | 0.50 |"
+    assert rows[5] == "| 0.5 | 0.05 | xsam − none | 0.400 ± 0.000 | 2 of 2 | 0.300 ± 0.000 | 2 of 2 |"
+    assert rows[7] == "| 0.5 | 0.05 | 1.75 | 1.75 | 1.75 | 1.5 to 2.0 | 50% | 0.50 |"
     assert (tmp_path / "tiny.png").stat().st_size > 0
 
     study.main(argv)
