@@ -13,7 +13,7 @@ Examples:
     python benchmarks/study.py --task digits --label_noise 0 0.2 0.4 --seeds 0 1 2 3 4 --jobs 2 \\
         --output_dir runs/study-digits --name digits -- --num_train_epochs 60
     python benchmarks/study.py --task cifar10 --data_dir /data/cifar10 --label_noise 0 0.4 \\
-        --output_dir runs/study-cifar10 -- --max_train_samples 10000 --num_train_epochs 10
+        --output_dir runs/study-cifar10 -- --max_train_samples 10000 --image_size 16 --num_train_epochs 6
 """
 
 from __future__ import annotations
