@@ -11,7 +11,7 @@ in the same ``--output_dir`` are trained once. After each run the summary is rew
 
 Examples:
     python benchmarks/study.py --task digits --label_noise 0 0.2 0.4 --seeds 0 1 2 3 4 --jobs 2 \\
-        --output_dir runs/study-digits --name digits -- --num_train_epochs 60
+        --output_dir runs/study-digits --name digits -- --num_train_epochs 30
     python benchmarks/study.py --task cifar10 --data_dir /data/cifar10 --label_noise 0 0.4 \\
         --output_dir runs/study-cifar10 -- --max_train_samples 10000 --image_size 16 --num_train_epochs 6
 """
