@@ -55,6 +55,7 @@ from _common import (
     save_model,
     setup_logging,
 )
+from label_noise import add_label_noise
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,18 @@ class DataTrainingArguments:
         metadata={"help": "Random resized crop of training images: smallest area kept (1 turns it off)."},
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Flip training images left-right at random."})
+    label_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training labels replaced by another class drawn uniformly (symmetric noise)."},
+    )
+    label_noise_seed: int = field(default=0, metadata={"help": "Fixes which training labels --label_noise changes."})
+    eval_train_samples: int = field(
+        default=0,
+        metadata={
+            "help": "During training, also evaluate on this many training images as trained on (noisy labels, no "
+            "augmentation): eval_train_accuracy beside eval_validation_accuracy in the logs."
+        },
+    )
 
     def __post_init__(self) -> None:
         sources = [self.dataset_name, self.train_dir or self.validation_dir, self.train_file or self.validation_file]
@@ -145,6 +158,8 @@ class DataTrainingArguments:
                 raise ValueError(f"--{name} must be a parquet or JSON lines file, got {path!r}")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"Invalid min_crop_scale: {self.min_crop_scale}; it must be in (0, 1]")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"Invalid label_noise: {self.label_noise}; it must be in [0, 1)")
 
     @property
     def embedded(self) -> bool:
@@ -315,6 +330,10 @@ def main() -> None:
             if limit is not None:
                 shuffled = dataset[split].shuffle(seed=training_args.seed)
                 dataset[split] = shuffled.select(range(min(limit, len(shuffled))))
+            if split == "train" and data_args.label_noise > 0:
+                dataset[split] = add_label_noise(
+                    dataset[split], label_column, data_args.label_noise, data_args.label_noise_seed
+                )
             dataset[split].set_transform(partial(transform, train=split == "train"))
     training_args.remove_unused_columns = False  # the transforms need the image column, unknown to the model
 
@@ -329,12 +348,16 @@ def main() -> None:
         return {"accuracy": float(np.mean(np.argmax(eval_pred.predictions, axis=1) == eval_pred.label_ids))}
 
     # 9. Trainer
+    eval_dataset = dataset["validation"] if training_args.do_eval else None
+    if data_args.eval_train_samples > 0 and eval_dataset is not None and training_args.do_train:
+        seen = dataset["train"].select(range(min(data_args.eval_train_samples, len(dataset["train"]))))
+        eval_dataset = {"validation": eval_dataset, "train": seen.with_transform(partial(transform, train=False))}
     trainer = build_trainer(
         XSAMTrainer,
         model=model,
         args=training_args,
         train_dataset=dataset["train"] if training_args.do_train else None,
-        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        eval_dataset=eval_dataset,
         compute_metrics=compute_metrics,
         processing_class=image_processor,
         data_collator=collate,
@@ -344,18 +367,26 @@ def main() -> None:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
         save_model(trainer)  # also saves the image processor
+        if data_args.label_noise > 0:
+            train_result.metrics.update(label_noise=data_args.label_noise, label_noise_seed=data_args.label_noise_seed)
         record_metrics(trainer, "train", train_result.metrics, len(dataset["train"]))
         trainer.save_state()
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
-        record_metrics(trainer, "eval", trainer.evaluate(), len(dataset["validation"]))
+        record_metrics(trainer, "eval", trainer.evaluate(dataset["validation"]), len(dataset["validation"]))
 
     # 11. Model card and push
+    dataset_name = EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name
+    if data_args.label_noise > 0:
+        dataset_name = (
+            f"{dataset_name or 'local files'} with {data_args.label_noise:.0%} symmetric label noise "
+            f"(seed {data_args.label_noise_seed})"
+        )
     finish(
         trainer,
         finetuned_from=model_args.model_name_or_path,
         tasks="image-classification",
-        dataset=EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name,
+        dataset=dataset_name,
         dataset_tags=data_args.dataset_name,
         dataset_args=data_args.dataset_config_name,
         tags=["image-classification", "vision"],

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Generalization study: base optimizer vs SAM vs XSAM over seeds, label noise and rho, with curves.
+
+Every run is one call of ``scripts/classify_images.py`` with the same flags but ``--sam_method``, ``--seed``,
+``--label_noise`` and ``--rho``. It evaluates every epoch, on the evaluation split and on some training images
+as trained on (noisy labels), and keeps per run: final accuracy, best accuracy and its epoch, both curves, the
+training loss per epoch, XSAM's alpha per epoch and the wall time (``study_run.json`` in the run's folder).
+Finished runs are skipped, so an interrupted study continues where it stopped, and runs shared by two studies
+in the same ``--output_dir`` are trained once. After each run the summary is rewritten: ``NAME.json`` (all runs),
+``NAME.md`` (mean ± std over seeds) and ``NAME.png`` (test-accuracy curves, mean and band per method).
+
+Examples:
+    python benchmarks/study.py --task digits --label_noise 0 0.2 0.4 --seeds 0 1 2 3 4 --jobs 2 \\
+        --output_dir runs/study-digits --name digits -- --num_train_epochs 30
+    python benchmarks/study.py --task cifar10 --data_dir /data/cifar10 --label_noise 0 0.4 \\
+        --output_dir runs/study-cifar10 -- --max_train_samples 10000 --image_size 16 --num_train_epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+__all__ = ["TASKS", "run_name", "run_one", "summarize_run", "table", "paired_table", "alpha_table", "plot_curves", "main"]
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
+METHODS = ["none", "sam", "xsam"]
+
+TASKS = {
+    # the script's embedded digits and ViT; no augmentation or dropout, so that AdamW can memorise the noise
+    "digits": {
+        "data": lambda data_dir: [],
+        "defaults": ["--min_crop_scale", "1", "--dropout", "0", "--eval_train_samples", "500"],
+    },
+    "cifar10": {
+        "data": lambda data_dir: ["--train_file", f"{data_dir}/train.parquet", "--validation_file",
+                                  f"{data_dir}/test.parquet", "--image_column_name", "img"],
+        "defaults": ["--do_train", "--do_eval", "--image_size", "32", "--patch_size", "4", "--hidden_size", "96",
+                     "--num_hidden_layers", "4", "--intermediate_size", "192", "--learning_rate", "1e-3",
+                     "--weight_decay", "0.05", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+                     "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "256",
+                     "--min_crop_scale", "0.8", "--eval_train_samples", "1000"],
+    },
+}
+# what every run needs for the curves, after the task's and the user's flags
+STUDY_FLAGS = ["--eval_strategy", "epoch", "--logging_strategy", "epoch", "--save_strategy", "no",
+               "--report_to", "none", "--disable_tqdm", "true"]
+
+
+def run_name(label_noise: float, rho: float, method: str, seed: int) -> str:
+    """The folder of one run inside the study's output folder."""
+    return f"noise{label_noise:g}-rho{rho:g}-{method}-seed{seed}"
+
+
+def summarize_run(log_history: list[dict], final_accuracy: float) -> dict:
+    """Curves and their summary from a run's ``trainer_state.json`` log history (epoch-wise logs)."""
+
+    def by_epoch(key: str) -> list[dict]:
+        return sorted((log for log in log_history if key in log), key=lambda log: log["epoch"])
+
+    evals = by_epoch("eval_validation_accuracy")
+    curve = [log["eval_validation_accuracy"] for log in evals]
+    best = max(range(len(curve)), key=curve.__getitem__)
+    train_logs = [log for log in log_history if "loss" in log]
+    return {
+        "final_accuracy": final_accuracy,
+        "best_accuracy": curve[best],
+        "best_epoch": round(evals[best]["epoch"]),
+        "curve": curve,
+        "train_curve": [log["eval_train_accuracy"] for log in by_epoch("eval_train_accuracy")],
+        "train_loss": [log["loss"] for log in train_logs],
+        "alpha": [log["xsam/alpha"] for log in train_logs if "xsam/alpha" in log],
+    }
+
+
+def run_one(task: str, data_dir: str | None, setting: dict, extra: list[str], out: Path) -> dict:
+    """Train and evaluate once (or read the recorded result); ``setting`` holds method, seed, label_noise, rho."""
+    result_file = out / "study_run.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    command = [sys.executable, str(SCRIPT), *TASKS[task]["data"](data_dir), *TASKS[task]["defaults"], *extra,
+               *STUDY_FLAGS, "--sam_method", setting["method"], "--seed", str(setting["seed"]),
+               "--label_noise", str(setting["label_noise"]), "--rho", str(setting["rho"]), "--output_dir", str(out)]
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    wall_s = time.perf_counter() - start
+    state = json.loads((out / "trainer_state.json").read_text())
+    final = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
+    result = {"task": task, **setting, "wall_s": wall_s, **summarize_run(state["log_history"], final)}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def _groups(results: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs by (label noise, rho, method), in the order of the study's settings and methods."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in sorted(results, key=lambda r: (r["label_noise"], r["rho"], METHODS.index(r["method"]))):
+        groups.setdefault((run["label_noise"], run["rho"], run["method"]), []).append(run)
+    return groups
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per (label noise, rho, method), mean ± standard deviation over seeds."""
+    header = ["label noise", "rho", "method", "final accuracy", "best accuracy", "epoch of best",
+              "train accuracy (noisy labels)", "wall time (s)", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for (noise, rho, method), runs in _groups(results).items():
+        cells = [f"{noise:g}", "-" if method == "none" else f"{rho:g}", method,
+                 _mean_std([r["final_accuracy"] for r in runs], 3), _mean_std([r["best_accuracy"] for r in runs], 3),
+                 _mean_std([r["best_epoch"] for r in runs], 1), _mean_std([r["train_curve"][-1] for r in runs], 3),
+                 _mean_std([r["wall_s"] for r in runs], 0), str(len(runs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: list[dict]) -> str:
+    """Markdown: differences in final and best accuracy between two methods run with the same seed and setting
+    (same split, same noisy labels), mean ± std over seeds, and on how many seeds the first method was ahead."""
+    header = ["label noise", "rho", "comparison", "final accuracy", "ahead (final)", "best accuracy", "ahead (best)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    # rho does not change the base optimizer: its runs pair with every rho
+    runs = {(r["label_noise"], None if r["method"] == "none" else r["rho"], r["method"], r["seed"]): r
+            for r in results}
+    settings = sorted({(r["label_noise"], r["rho"]) for r in results if r["method"] != "none"})
+    for (noise, rho), (first, second) in itertools.product(settings, [("sam", "none"), ("xsam", "none"),
+                                                                      ("xsam", "sam")]):
+        second_rho = None if second == "none" else rho
+        pairs = [(run, runs[noise, second_rho, second, seed]) for (n, r, m, seed), run in runs.items()
+                 if (n, r, m) == (noise, rho, first) and (noise, second_rho, second, seed) in runs]
+        if not pairs:
+            continue
+        cells = [f"{noise:g}", f"{rho:g}", f"{first} − {second}"]
+        for key in ("final_accuracy", "best_accuracy"):
+            differences = [a[key] - b[key] for a, b in pairs]
+            cells += [_mean_std(differences, 3), f"{sum(d > 0 for d in differences)} of {len(pairs)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def alpha_table(results: list[dict], alpha_max: float) -> str:
+    """Markdown: XSAM's searched alpha per setting (epochs pooled over seeds)."""
+    header = ["label noise", "rho", "mean alpha", "first 5 epochs", "last 5 epochs", "range",
+              f"epochs at the grid end ({alpha_max:g})", "epoch-to-epoch change"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for (noise, rho, method), runs in _groups(results).items():
+        if method != "xsam":
+            continue
+        every = [a for r in runs for a in r["alpha"]]
+        changes = [abs(b - a) for r in runs for a, b in itertools.pairwise(r["alpha"])]
+        cells = [f"{noise:g}", f"{rho:g}", f"{statistics.mean(every):.2f}",
+                 f"{statistics.mean(a for r in runs for a in r['alpha'][:5]):.2f}",
+                 f"{statistics.mean(a for r in runs for a in r['alpha'][-5:]):.2f}",
+                 f"{min(every):.1f} to {max(every):.1f}",
+                 f"{sum(a >= alpha_max - 1e-6 for a in every) / len(every):.0%}",
+                 f"{statistics.mean(changes):.2f}" if changes else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    """One panel per (label noise, rho): test accuracy per epoch, mean and ± std band per method; dashed, the
+    accuracy on the (noisy) training labels."""
+    settings = sorted({(r["label_noise"], r["rho"]) for r in results})
+    figure = Figure(figsize=(4.2 * len(settings), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(settings), squeeze=False, sharey=True)[0]
+    groups = _groups(results)
+    for ax, (noise, rho) in zip(axes, settings):
+        for method in METHODS:
+            runs = groups.get((noise, rho, method))
+            if not runs:
+                continue
+            color = f"C{METHODS.index(method)}"
+            for key, style in (("curve", "-"), ("train_curve", "--")):
+                length = min(len(r[key]) for r in runs)
+                columns = list(zip(*(r[key][:length] for r in runs)))
+                mean = [statistics.mean(c) for c in columns]
+                spread = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+                epochs = range(1, length + 1)
+                label = f"{method} (test)" if key == "curve" else f"{method} (train, noisy labels)"
+                ax.plot(epochs, mean, style, color=color, label=label)
+                if key == "curve":
+                    ax.fill_between(epochs, [m - s for m, s in zip(mean, spread)],
+                                    [m + s for m, s in zip(mean, spread)], color=color, alpha=0.2)
+        ax.set_title(f"label noise {noise:.0%}, rho {rho:g}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[-1].legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=list(TASKS), required=True)
+    parser.add_argument("--data_dir", default=None, help="folder with the task's files (cifar10)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--label_noise", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--rho", type=float, nargs="+", default=[0.05])
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    parser.add_argument("--output_dir", default="runs/study")
+    parser.add_argument("--name", default="results", help="file name of the summary (json, md, png)")
+    parser.add_argument("--report_only", action="store_true", help="summarise the recorded runs, train none")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed on to the script")
+    options = parser.parse_args(argv)
+    if options.task != "digits" and options.data_dir is None:
+        parser.error(f"--task {options.task} needs --data_dir")
+    extra = [arg for arg in options.extra if arg != "--"]
+    alpha_max = float(extra[extra.index("--alpha_max") + 1]) if "--alpha_max" in extra else 2.0
+    output_dir = Path(options.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmarks/study.py", *(argv if argv is not None else sys.argv[1:])])
+    # seed by seed, every setting and method in turn: an interrupted study has fewer seeds, not fewer settings
+    settings = [{"method": method, "seed": seed, "label_noise": noise, "rho": rho}
+                for seed, noise, rho, method in itertools.product(options.seeds, options.label_noise, options.rho,
+                                                                  options.methods)
+                if not (method == "none" and rho != options.rho[0])]  # rho does not change the base optimizer
+    if options.report_only:
+        settings = [s for s in settings if (output_dir / run_name(**s) / "study_run.json").exists()]
+    results, summary = [], "no run finished"
+    with ThreadPoolExecutor(options.jobs) as pool:
+        futures = {pool.submit(run_one, options.task, options.data_dir, setting, extra,
+                               output_dir / run_name(**setting)): setting for setting in settings}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except subprocess.CalledProcessError as err:
+                print(f"failed: {futures[future]} ({err}); see its log.txt", flush=True)
+                continue
+            results.append(result)
+            print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
+            summary = f"`{command}`\n\n{table(results)}\n"
+            if len({r["method"] for r in results}) > 1:
+                summary += f"\nDifferences on the same seed:\n\n{paired_table(results)}\n"
+            if any(r["method"] == "xsam" for r in results):
+                summary += f"\nXSAM's alpha (searched once per epoch):\n\n{alpha_table(results, alpha_max)}\n"
+            (output_dir / f"{options.name}.json").write_text(json.dumps({"command": command, "runs": results}))
+            (output_dir / f"{options.name}.md").write_text(summary)
+            plot_curves(results, output_dir / f"{options.name}.png")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
