@@ -50,8 +50,10 @@ from _common import (
     build_trainer,
     detect_last_checkpoint,
     finish,
+    from_hub,
     parse_arguments,
     record_metrics,
+    run,
     save_model,
     setup_logging,
 )
@@ -62,6 +64,7 @@ logger = logging.getLogger(__name__)
 DATA_OPTIONS = {"dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
 DATA_AND_MODEL_OPTIONS = DATA_OPTIONS | {"model_name_or_path"}
 EMBEDDED_DATASET = "scikit-learn digits (8x8)"
+EMBEDDED_DATASET_TYPE = "sklearn-digits"  # not a Hub dataset: the model-index needs a type, this one names the source
 EMBEDDED_DEFAULTS = {
     "output_dir": "xsam-vit-digits",
     "do_train": True,
@@ -169,7 +172,8 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         return digits_dataset(seed=seed)
     if data_args.dataset_name is not None:
         hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
+        with from_hub(f"the dataset {data_args.dataset_name!r}"):
+            return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     if data_args.train_dir or data_args.validation_dir:
         folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
         files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder}
@@ -269,28 +273,30 @@ def main() -> None:
         logger.info(f"Built a ViT from a config: {model.num_parameters():,} parameters")
     else:
         hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
-            finetuning_task="image-classification",
-            **hub,
-        )
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            config = AutoConfig.from_pretrained(
+                model_args.model_name_or_path,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                finetuning_task="image-classification",
+                **hub,
+            )
         if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
             raise ValueError(
                 f"{model_args.model_name_or_path} is a {config.model_type!r} model without an image-classification "
                 "head; use a vision model such as ViT, DeiT, BEiT, Swin or ConvNeXT"
             )
-        model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **hub,
-        )
-        image_processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or model_args.model_name_or_path, backend="pil", **hub
-        )
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            model = AutoModelForImageClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=config,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                **hub,
+            )
+        processor_name = model_args.image_processor_name or model_args.model_name_or_path
+        with from_hub(f"the image processor {processor_name!r}"):
+            image_processor = AutoImageProcessor.from_pretrained(processor_name, backend="pil", **hub)
 
     # 7. Preprocessing: Pillow augmentation (`random`, which the Trainer seeds, also in dataloader workers), then
     # the image processor (resize, rescale, normalise)
@@ -350,17 +356,30 @@ def main() -> None:
         logger.info("*** Evaluate ***")
         record_metrics(trainer, "eval", trainer.evaluate(), len(dataset["validation"]))
 
-    # 11. Model card and push
+    # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
+    dataset_name, dataset_type = dataset_identity(data_args)
     finish(
         trainer,
         finetuned_from=model_args.model_name_or_path,
         tasks="image-classification",
-        dataset=EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name,
-        dataset_tags=data_args.dataset_name,
+        dataset=dataset_name,
+        dataset_tags=dataset_type,
         dataset_args=data_args.dataset_config_name,
         tags=["image-classification", "vision"],
     )
 
 
+def dataset_identity(data_args: DataTrainingArguments) -> tuple[str, str]:
+    """The dataset's name and type for the model card: the Hub id, or what the local data are and how they load."""
+    if data_args.embedded:
+        return EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE
+    if data_args.dataset_name is not None:
+        return data_args.dataset_name, data_args.dataset_name
+    if data_args.train_dir or data_args.validation_dir:
+        return os.path.basename(os.path.normpath(data_args.train_dir or data_args.validation_dir)), "imagefolder"
+    path = data_args.train_file or data_args.validation_file
+    return os.path.basename(path), "parquet" if path.endswith(".parquet") else "json"
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

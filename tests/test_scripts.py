@@ -99,6 +99,10 @@ def test_translate_embedded_run_saves_model_tokenizer_metrics_and_card(tmp_path,
     assert card.data.library_name == "transformers" and card.data.language == ["en", "fr"]
     assert "| rho | 0.05 |" in card.text and "| alpha_search_interval | 2 |" in card.text
     assert "trained from scratch" in card.text
+    (result,) = card.data.eval_results  # the BLEU reaches the Hub metadata (model-index)
+    assert (result.task_type, result.dataset_name, result.dataset_type) == (
+        "translation", translate.EMBEDDED_DATASET, "num2words-en-fr")
+    assert result.metric_type == "bleu" and result.metric_value == metrics["eval_bleu"]
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
@@ -209,14 +213,14 @@ def translate_parser():
 
 def parse(argv):
     return _common.parse_arguments(translate_parser(), translate.DATA_AND_MODEL_OPTIONS, translate.EMBEDDED_DEFAULTS,
-                                   argv=list(map(str, argv)))
+                                   argv=list(map(str, argv)), run_flags=translate.RUN_FLAGS)
 
 
 def test_embedded_defaults_apply_without_data_or_model_flags_and_yield_to_explicit_ones(tmp_path):
     _, _, args = parse(["--output_dir", tmp_path, "--learning_rate", "0.01"])
     assert args.do_train and args.predict_with_generate and args.num_train_epochs == 3
     assert args.learning_rate == 0.01
-    _, _, args = parse(["--output_dir", tmp_path, "--train_file", "x.jsonl"])
+    _, _, args = parse(["--output_dir", tmp_path, "--train_file", "x.jsonl", "--do_eval"])
     assert not args.do_train and args.learning_rate == 5e-5 and args.num_train_epochs == 3
 
     (tmp_path / "a.json").write_text(json.dumps({"output_dir": str(tmp_path), "num_train_epochs": 2}))
@@ -238,10 +242,17 @@ def test_classify_embedded_run_saves_model_processor_metrics_and_card(tmp_path, 
     out = tmp_path / "out"
     run(classify_images, monkeypatch, "--output_dir", out, *TINY_VIT, *COMMON, "--max_train_samples", 32,
         "--max_eval_samples", 16, "--max_steps", 2, "--eval_strategy", "no")
-    assert 0.0 <= read_json(out / "eval_results.json")["eval_accuracy"] <= 1.0
+    accuracy = read_json(out / "eval_results.json")["eval_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
     card = ModelCard.load(out / "README.md")
     assert {"xsam", "image-classification", "vision"} <= set(card.data.tags)
     assert "| rho | 0.05 |" in card.text and "scikit-learn digits" in card.text
+    (result,) = card.data.eval_results  # the accuracy reaches the Hub metadata (model-index)
+    assert (result.task_type, result.dataset_type, result.metric_type) == ("image-classification", "sklearn-digits",
+                                                                           "accuracy")
+    assert result.metric_value == accuracy
+    # the embedded default warmup_steps=0.05 is a ratio: ceil(0.05 * 2) = 1 step
+    assert "- lr_scheduler_warmup_ratio: 0.05 (1 of the 2 training steps)" in card.text
 
     model = AutoModelForImageClassification.from_pretrained(out)
     processor = AutoImageProcessor.from_pretrained(out)
