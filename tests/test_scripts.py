@@ -378,3 +378,38 @@ def test_two_cpu_processes_train_together(tmp_path, launcher):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert read_json(tmp_path / "out" / "trainer_state.json")["global_step"] == 2  # 32 samples / (2 x 8)
     assert "xsam" in ModelCard.load(tmp_path / "out" / "README.md").data.tags
+
+
+# --------------------------------------------------------------------------------------------------
+# accelerate configs
+
+
+@pytest.mark.parametrize("name, distributed_type", [("multi_gpu", "MULTI_GPU"), ("fsdp2", "FSDP")])
+def test_accelerate_configs_launch_what_they_say(monkeypatch, name, distributed_type):
+    """The environment `accelerate launch --config_file` gives the processes, from accelerate's own parser."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = SCRIPTS / "accelerate_configs" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), str(SCRIPTS / "translate.py")])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 2 and (args.use_fsdp if name == "fsdp2" else args.multi_gpu)
+    env = prepare_multi_gpu_env(args)
+    assert env.get("ACCELERATE_USE_FSDP", "false") == ("true" if distributed_type == "FSDP" else "false")
+    if name == "fsdp2":
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert FullyShardedDataParallelPlugin().fsdp_version == 2  # what the Trainer's Accelerator builds
+        text = config.read_text()  # the flags XSAM needs with FSDP, which a config file cannot set
+        assert "--sam_perturbation global" in text and '"sync_each_batch": true' in text
+
+
+@pytest.mark.parametrize("script", [classify_images, translate])
+def test_default_output_folders_of_the_embedded_runs_are_ignored_by_git(script):
+    root = SCRIPTS.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    folder = script.EMBEDDED_DEFAULTS["output_dir"]
+    result = subprocess.run(["git", "check-ignore", "-q", f"{folder}/README.md"], cwd=root)
+    assert result.returncode == 0, f"{folder}/ is not in .gitignore"
