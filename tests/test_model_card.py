@@ -23,22 +23,34 @@ STATE = {"alpha": 1.6, "search_history": [{"alpha": 1.0, "step": 0}, {"alpha": 1
 
 
 def tiny_trainer(tmp_path, **overrides):
-    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, num_labels=2)
+    config = BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=2
+    )
     data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6, 7, 8]] * 4, "labels": [0, 1] * 4})
-    settings = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
-                    report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no", rho=0.07,
-                    alpha_search_interval=2)
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+        rho=0.07,
+        alpha_search_interval=2,
+    )
     settings.update(overrides)
-    trainer = XSAMTrainer(model=BertForSequenceClassification(config), args=XSAMTrainingArguments(**settings),
-                          train_dataset=data)
+    trainer = XSAMTrainer(
+        model=BertForSequenceClassification(config), args=XSAMTrainingArguments(**settings), train_dataset=data
+    )
     trainer.train()
     return trainer
 
 
 def test_section_reports_settings_alpha_sharpness_and_citation():
-    text = xsam_section({"sam_method": "xsam", "rho": 0.05, "rho_max": None, "alpha_search_interval": None},
-                        LOGS, STATE)
+    text = xsam_section(
+        {"sam_method": "xsam", "rho": 0.05, "rho_max": None, "alpha_search_interval": None}, LOGS, STATE
+    )
     assert "| rho | 0.05 |" in text
     assert "| rho_max | 0.1 (2 * rho) |" in text
     assert "| alpha_search_interval | first step of every epoch |" in text
@@ -48,7 +60,7 @@ def test_section_reports_settings_alpha_sharpness_and_citation():
     assert "0.3 at the first log, 0.1 at the last, 0.2 on average" in text
     assert "| 8 | 2 | 1 | 0.1 | 1.6 | 30 |" in text
     assert XSAM_CITATION in text and "arxiv.org/abs/2603.10048" in text
-    assert "not \"X-SAM\"" in text
+    assert 'not "X-SAM"' in text
 
 
 def test_section_keeps_at_most_ten_rows_including_the_last():
@@ -120,8 +132,9 @@ def test_trainer_card_prints_a_warmup_ratio_as_a_ratio(tmp_path):
 def test_template_renders_a_card_with_the_section(method):
     data = ModelCardData(library_name="transformers", tags=XSAM_TAGS, license="apache-2.0")
     section = xsam_section({"sam_method": method}, LOGS, STATE)
-    card = ModelCard.from_template(data, template_path=str(TEMPLATE), model_name="my-model",
-                                   model_summary="A model.", xsam_section=section)
+    card = ModelCard.from_template(
+        data, template_path=str(TEMPLATE), model_name="my-model", model_summary="A model.", xsam_section=section
+    )
     parsed = ModelCard(str(card))
     assert parsed.data.tags == XSAM_TAGS and parsed.data.library_name == "transformers"
     assert "# my-model" in parsed.text and f"| sam_method | {method} |" in parsed.text
