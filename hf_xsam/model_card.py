@@ -176,6 +176,11 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
     if settings["sam_method"] == "none":  # a baseline was not trained with sharpness-aware minimization
         tags = [tag for tag in tags if tag != "sharpness-aware-minimization"]
     card.data.tags = tags
+    for result in card.data.eval_results or []:  # the Trainer writes a missing split or config as "None"
+        if result.dataset_split == "None":
+            result.dataset_split = None
+        if result.dataset_config == "None":
+            result.dataset_config = None
     engine = getattr(trainer, "xsam", None)
     section = xsam_section(settings, trainer.state.log_history, engine.state_dict() if engine is not None else None)
     text = _warmup_as_set(card.text, trainer)

@@ -379,7 +379,7 @@ def test_classify_embedded_run_saves_model_processor_metrics_and_card(tmp_path, 
         "sklearn-digits",
         "accuracy",
     )
-    assert result.metric_value == accuracy
+    assert result.metric_value == accuracy and result.dataset_split is None  # not the string "None"
     # the embedded default warmup_steps=0.05 is a ratio: ceil(0.05 * 2) = 1 step
     assert "- lr_scheduler_warmup_ratio: 0.05 (1 of the 2 training steps)" in card.text
 
