@@ -57,7 +57,8 @@ except ImportError:  # pragma: no cover - requests is optional for huggingface_h
 
 
 class UsageError(ValueError):
-    """A command line the script cannot run: :func:`run` prints it as one line and exits with status 2."""
+    """A command line the script cannot run, or data and models that do not fit it (a column or language that is
+    not there): :func:`run` prints it as one line and exits with status 2."""
 
 
 class HubUnavailable(RuntimeError):

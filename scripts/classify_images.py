@@ -47,6 +47,7 @@ from transformers import (
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
 from _common import (
+    UsageError,
     build_trainer,
     detect_last_checkpoint,
     finish,
@@ -191,13 +192,13 @@ def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> Dat
     for flag in ("image_column_name", "label_column_name"):
         column = getattr(data_args, flag)
         if column not in columns:
-            raise ValueError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
+            raise UsageError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
     image_column = data_args.image_column_name
     feature = some_split.features[image_column]
     if not isinstance(feature, Image):
         first = some_split[0][image_column]
         if not (getattr(feature, "dtype", None) == "string" or isinstance(first, dict) and "bytes" in first):
-            raise ValueError(
+            raise UsageError(
                 f"--image_column_name {image_column!r} holds {feature}, not images (first value: {first!r:.80}); "
                 f"found columns: {', '.join(columns)}"
             )
@@ -205,7 +206,7 @@ def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> Dat
         try:
             dataset[next(iter(dataset))][0][image_column]
         except Exception as err:
-            raise ValueError(
+            raise UsageError(
                 f"--image_column_name {image_column!r} holds {first!r:.80}, which is not an image ({err})"
             ) from err
     if not isinstance(some_split.features[data_args.label_column_name], ClassLabel):
@@ -246,7 +247,7 @@ def main() -> None:
         dataset = DatasetDict(train=split["train"], validation=split["test"])
     for split, flag in (("train", "do_train"), ("validation", "do_eval")):
         if getattr(training_args, flag) and split not in dataset:
-            raise ValueError(f"--{flag} needs a {split!r} split; the data has {', '.join(dataset)}")
+            raise UsageError(f"--{flag} needs a {split!r} split; the data has {', '.join(dataset)}")
     labels = next(iter(dataset.values())).features[data_args.label_column_name].names
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
@@ -283,7 +284,7 @@ def main() -> None:
                 **hub,
             )
         if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
-            raise ValueError(
+            raise UsageError(
                 f"{model_args.model_name_or_path} is a {config.model_type!r} model without an image-classification "
                 "head; use a vision model such as ViT, DeiT, BEiT, Swin or ConvNeXT"
             )

@@ -280,7 +280,7 @@ def language_keys(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[s
         key = lang if lang in found else lang.split("_")[0]
         if key not in found:
             where = "languages in the `translation` column" if column else "columns (no `translation` column)"
-            raise ValueError(f"--{flag} {lang!r} is not in the dataset; found {where}: {', '.join(found)}")
+            raise UsageError(f"--{flag} {lang!r} is not in the dataset; found {where}: {', '.join(found)}")
         keys.append(key)
     return keys[0], keys[1], column
 
@@ -297,7 +297,7 @@ def set_language_codes(
     target_code = data_args.target_lang_code or data_args.target_lang
     for flag, code in (("source_lang_code", source_code), ("target_lang_code", target_code)):
         if tokenizer.convert_tokens_to_ids(code) in (None, tokenizer.unk_token_id):
-            raise ValueError(
+            raise UsageError(
                 f"{type(tokenizer).__name__} needs language codes, and {code!r} is not one of its tokens: pass "
                 f"--{flag} (e.g. en_XX for mBART, eng_Latn for NLLB)"
             )
@@ -347,7 +347,7 @@ def main() -> None:
     splits = {split: raw_datasets.get(split) for split, flag in wanted.items() if getattr(training_args, flag)}
     for split, dataset in splits.items():
         if dataset is None:
-            raise ValueError(f"--{wanted[split]} needs a {split!r} split; the data has {', '.join(raw_datasets)}")
+            raise UsageError(f"--{wanted[split]} needs a {split!r} split; the data has {', '.join(raw_datasets)}")
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -370,7 +370,7 @@ def main() -> None:
             with from_hub(f"the tokenizer {tokenizer_source!r}"):
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub)
         elif "train" not in splits:
-            raise ValueError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
+            raise UsageError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
         else:
             # one process trains it, the others load its copy: every process must use the same vocabulary
             with training_args.main_process_first(desc="training the tokenizer", local=False):
@@ -391,7 +391,7 @@ def main() -> None:
         with from_hub(f"the model {model_args.model_name_or_path!r}"):
             config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
         if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
-            raise ValueError(
+            raise UsageError(
                 f"{model_args.model_name_or_path} is a {config.model_type!r} model (architectures: "
                 f"{', '.join(config.architectures or ['unknown'])}) without a sequence-to-sequence head; translation "
                 "needs an encoder-decoder model such as Marian, T5/mT5, BART/mBART or NLLB"
@@ -408,7 +408,7 @@ def main() -> None:
         if config.model_type == "t5" and data_args.source_prefix is None:
             logger.warning("T5 expects a task prefix, e.g. --source_prefix 'translate English to French: '")
     if model.config.decoder_start_token_id is None:
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no `config.decoder_start_token_id`: set it in the model's config"
         )
     if forced_bos_token is not None:

@@ -79,6 +79,18 @@ def test_a_model_missing_offline_is_one_message_naming_it(tmp_path, script):
     assert result.stderr.count("nobody-xyz/made-up-model': ") == 1
 
 
+def test_a_language_missing_from_the_data_is_one_line_saying_what_is_there(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"translation": {"en": "one", "fr": "un"}}\n')
+    result = launch("translate.py", "--train_file", tmp_path / "train.jsonl", "--source_lang", "de",
+                    "--target_lang", "fr", "--do_train", "--output_dir", tmp_path / "out", "--report_to", "none")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "translate.py: error: --source_lang 'de' is not in the dataset; found languages in the `translation` "
+        "column: en, fr"
+    )
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
