@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,8 @@ XSAM_CITATION = """@inproceedings{chen2026xsam,
 SECTION_START = "<!-- hf_xsam section start -->"
 SECTION_END = "<!-- hf_xsam section end -->"
 MAX_ROWS = 10
+# settings that only the alpha search of `sam_method="xsam"` reads: a SAM card does not list them
+SEARCH_SETTINGS = ("rho_max", "alpha", "alpha_max", "alpha_step", "alpha_search_interval")
 
 _METHODS = {
     "xsam": "XSAM: each step climbs `rho` along the gradient, then steps along the direction at angle "
@@ -42,8 +45,12 @@ _METHODS = {
     "largest loss at radius `rho_max`",
     "sam": "SAM (XSAM with alpha fixed at 1): each step climbs `rho` along the gradient and steps with the "
     "gradient found there",
-    "none": "the base optimizer alone (`sam_method=none`, the baseline of hf_xsam's scripts)",
 }
+_PLAIN = (
+    "This model was trained without sharpness-aware minimization: plain training, one forward and backward pass "
+    "per step with the base optimizer alone (`sam_method=none`, the baseline of hf_xsam's scripts). No XSAM "
+    "setting took part."
+)
 
 
 def _fmt(value: Any) -> str:
@@ -52,6 +59,8 @@ def _fmt(value: Any) -> str:
 
 def _settings_table(settings: Mapping[str, Any]) -> list[str]:
     shown = dict(settings)
+    if shown.get("sam_method") == "sam":
+        shown = {key: value for key, value in shown.items() if key not in SEARCH_SETTINGS}
     rho = shown.get("rho")
     if "rho_max" in shown and shown["rho_max"] is None and rho is not None:
         shown["rho_max"] = f"{_fmt(2 * rho)} (2 * rho)"
@@ -95,6 +104,9 @@ def xsam_section(
         The section, between HTML comments that let :func:`add_xsam_section` replace it.
     """
     method = settings.get("sam_method", "xsam")
+    if method == "none":
+        return "\n".join([SECTION_START, "## Training", "", _PLAIN, "", "| setting | value |", "| --- | --- |",
+                          "| sam_method | none |", SECTION_END]) + "\n"  # fmt: skip
     lines = [
         SECTION_START,
         "## Training with XSAM",
@@ -133,14 +145,17 @@ def xsam_section(
             f"- Sharpness (loss at the ascent point minus loss): {sharpness[0]:.4g} at the first log, "
             f"{sharpness[-1]:.4g} at the last, {sum(sharpness) / len(sharpness):.4g} on average.",
             "",
-            "| step | epoch | loss | sharpness | alpha | theta (deg) |",
-            "| --- | --- | --- | --- | --- | --- |",
         ]
-        keys = ("step", "epoch", "loss", "xsam/sharpness", "xsam/alpha", "xsam/theta")
+        columns = {"step": "step", "epoch": "epoch", "loss": "loss", "xsam/sharpness": "sharpness"}
+        if method == "xsam":  # SAM's alpha is 1 throughout
+            columns["xsam/alpha"] = "alpha"
+        columns["xsam/theta"] = "theta (deg)"
+        keys = tuple(columns)
+        lines += ["| " + " | ".join(columns.values()) + " |", "|" + " --- |" * len(columns)]
         for log in _evenly(train_logs, MAX_ROWS):
             cells = [log.get(key, "") for key in keys]
             lines.append("| " + " | ".join(_fmt(cell) for cell in cells) + " |")
-    elif method != "none":
+    else:
         lines.append("No training step was logged, so there are no XSAM figures.")
     lines += ["", "### Citation", "", "```bibtex", XSAM_CITATION, "```", SECTION_END]
     return "\n".join(lines) + "\n"
@@ -155,13 +170,20 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
     """
     card = ModelCard.load(card_path)
     card.data.library_name = card.data.library_name or "transformers"
+    settings = trainer.args.xsam_settings
     tags = list(card.data.tags or [])
-    card.data.tags = tags + [tag for tag in XSAM_TAGS if tag not in tags]
+    tags += [tag for tag in XSAM_TAGS if tag not in tags]
+    if settings["sam_method"] == "none":  # a baseline was not trained with sharpness-aware minimization
+        tags = [tag for tag in tags if tag != "sharpness-aware-minimization"]
+    card.data.tags = tags
+    for result in card.data.eval_results or []:  # the Trainer writes a missing split or config as "None"
+        if result.dataset_split == "None":
+            result.dataset_split = None
+        if result.dataset_config == "None":
+            result.dataset_config = None
     engine = getattr(trainer, "xsam", None)
-    section = xsam_section(
-        trainer.args.xsam_settings, trainer.state.log_history, engine.state_dict() if engine is not None else None
-    )
-    text = card.text
+    section = xsam_section(settings, trainer.state.log_history, engine.state_dict() if engine is not None else None)
+    text = _warmup_as_set(card.text, trainer)
     if SECTION_START in text and SECTION_END in text:
         before, rest = text.split(SECTION_START, 1)
         text = before + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
@@ -169,3 +191,14 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     card.text = text
     card.save(card_path)
+
+
+def _warmup_as_set(text: str, trainer: Any) -> str:
+    """The Trainer's card lists ``warmup_steps`` as steps; below 1 it is a ratio of the training steps: say so."""
+    warmup = trainer.args.warmup_steps
+    if not 0 < warmup < 1:
+        return text
+    total = trainer.state.max_steps
+    steps = f" ({trainer.args.get_warmup_steps(total)} of the {total} training steps)" if total else ""
+    line = f"- lr_scheduler_warmup_ratio: {warmup:g}{steps}"
+    return re.sub(r"^- lr_scheduler_warmup_steps: .*$", line, text, count=1, flags=re.M)

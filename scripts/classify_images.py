@@ -47,11 +47,14 @@ from transformers import (
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
 from _common import (
+    UsageError,
     build_trainer,
     detect_last_checkpoint,
     finish,
+    from_hub,
     parse_arguments,
     record_metrics,
+    run,
     save_model,
     setup_logging,
 )
@@ -63,6 +66,7 @@ logger = logging.getLogger(__name__)
 DATA_OPTIONS = {"dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
 DATA_AND_MODEL_OPTIONS = DATA_OPTIONS | {"model_name_or_path"}
 EMBEDDED_DATASET = "scikit-learn digits (8x8)"
+EMBEDDED_DATASET_TYPE = "sklearn-digits"  # not a Hub dataset: the model-index needs a type, this one names the source
 EMBEDDED_DEFAULTS = {
     "output_dir": "xsam-vit-digits",
     "do_train": True,
@@ -184,7 +188,8 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         return digits_dataset(seed=seed)
     if data_args.dataset_name is not None:
         hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
+        with from_hub(f"the dataset {data_args.dataset_name!r}"):
+            return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     if data_args.train_dir or data_args.validation_dir:
         folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
         files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder}
@@ -202,13 +207,13 @@ def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> Dat
     for flag in ("image_column_name", "label_column_name"):
         column = getattr(data_args, flag)
         if column not in columns:
-            raise ValueError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
+            raise UsageError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
     image_column = data_args.image_column_name
     feature = some_split.features[image_column]
     if not isinstance(feature, Image):
         first = some_split[0][image_column]
         if not (getattr(feature, "dtype", None) == "string" or isinstance(first, dict) and "bytes" in first):
-            raise ValueError(
+            raise UsageError(
                 f"--image_column_name {image_column!r} holds {feature}, not images (first value: {first!r:.80}); "
                 f"found columns: {', '.join(columns)}"
             )
@@ -216,7 +221,7 @@ def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> Dat
         try:
             dataset[next(iter(dataset))][0][image_column]
         except Exception as err:
-            raise ValueError(
+            raise UsageError(
                 f"--image_column_name {image_column!r} holds {first!r:.80}, which is not an image ({err})"
             ) from err
     if not isinstance(some_split.features[data_args.label_column_name], ClassLabel):
@@ -257,7 +262,7 @@ def main() -> None:
         dataset = DatasetDict(train=split["train"], validation=split["test"])
     for split, flag in (("train", "do_train"), ("validation", "do_eval")):
         if getattr(training_args, flag) and split not in dataset:
-            raise ValueError(f"--{flag} needs a {split!r} split; the data has {', '.join(dataset)}")
+            raise UsageError(f"--{flag} needs a {split!r} split; the data has {', '.join(dataset)}")
     labels = next(iter(dataset.values())).features[data_args.label_column_name].names
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
@@ -284,28 +289,30 @@ def main() -> None:
         logger.info(f"Built a ViT from a config: {model.num_parameters():,} parameters")
     else:
         hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
-            finetuning_task="image-classification",
-            **hub,
-        )
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            config = AutoConfig.from_pretrained(
+                model_args.model_name_or_path,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                finetuning_task="image-classification",
+                **hub,
+            )
         if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
-            raise ValueError(
+            raise UsageError(
                 f"{model_args.model_name_or_path} is a {config.model_type!r} model without an image-classification "
                 "head; use a vision model such as ViT, DeiT, BEiT, Swin or ConvNeXT"
             )
-        model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **hub,
-        )
-        image_processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or model_args.model_name_or_path, backend="pil", **hub
-        )
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            model = AutoModelForImageClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=config,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                **hub,
+            )
+        processor_name = model_args.image_processor_name or model_args.model_name_or_path
+        with from_hub(f"the image processor {processor_name!r}"):
+            image_processor = AutoImageProcessor.from_pretrained(processor_name, backend="pil", **hub)
 
     # 7. Preprocessing: Pillow augmentation (`random`, which the Trainer seeds, also in dataloader workers), then
     # the image processor (resize, rescale, normalise)
@@ -375,8 +382,8 @@ def main() -> None:
         logger.info("*** Evaluate ***")
         record_metrics(trainer, "eval", trainer.evaluate(dataset["validation"]), len(dataset["validation"]))
 
-    # 11. Model card and push
-    dataset_name = EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name
+    # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
+    dataset_name, dataset_type = dataset_identity(data_args)
     if data_args.label_noise > 0:
         dataset_name = (
             f"{dataset_name or 'local files'} with {data_args.label_noise:.0%} symmetric label noise "
@@ -387,11 +394,23 @@ def main() -> None:
         finetuned_from=model_args.model_name_or_path,
         tasks="image-classification",
         dataset=dataset_name,
-        dataset_tags=data_args.dataset_name,
+        dataset_tags=dataset_type,
         dataset_args=data_args.dataset_config_name,
         tags=["image-classification", "vision"],
     )
 
 
+def dataset_identity(data_args: DataTrainingArguments) -> tuple[str, str]:
+    """The dataset's name and type for the model card: the Hub id, or what the local data are and how they load."""
+    if data_args.embedded:
+        return EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE
+    if data_args.dataset_name is not None:
+        return data_args.dataset_name, data_args.dataset_name
+    if data_args.train_dir or data_args.validation_dir:
+        return os.path.basename(os.path.normpath(data_args.train_dir or data_args.validation_dir)), "imagefolder"
+    path = data_args.train_file or data_args.validation_file
+    return os.path.basename(path), "parquet" if path.endswith(".parquet") else "json"
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

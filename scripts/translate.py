@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import sacrebleu
+import transformers.modelcard
 from datasets import Dataset, DatasetDict, load_dataset
 from num2words import num2words
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -48,25 +49,33 @@ from transformers import (
     set_seed,
 )
 
-from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments
-
 from _common import (
+    UsageError,
     build_trainer,
     detect_last_checkpoint,
     finish,
+    from_hub,
     parse_arguments,
     record_metrics,
+    run,
     save_model,
     setup_logging,
 )
+from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+# The Trainer's card keeps a result in the Hub metadata (`model-index`) only for the tasks it has a name for, and
+# translation is not among them: without this, the BLEU of every card would be dropped.
+transformers.modelcard.TASK_TAG_TO_NAME_MAPPING.setdefault("translation", "Translation")
 
 SCRATCH_MODELS = {"marian": MarianMTModel, "t5": T5ForConditionalGeneration}
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: T5's convention, also used for Marian
 # without any of these options the script runs on its embedded corpus and model, with EMBEDDED_DEFAULTS
 DATA_AND_MODEL_OPTIONS = {"model_name_or_path", "dataset_name", "train_file", "validation_file", "test_file"}
 EMBEDDED_DATASET = "num2words English-French numbers (generated)"
+EMBEDDED_DATASET_TYPE = "num2words-en-fr"  # not a Hub dataset: the model-index needs a type, this one names the source
+RUN_FLAGS = ("do_train", "do_eval", "do_predict")
 EMBEDDED_DEFAULTS = {
     "output_dir": "xsam-marian-numbers-en-fr",
     "do_train": True,
@@ -103,7 +112,9 @@ class ModelArguments:
         default="marian",
         metadata={"help": "From scratch: the architecture built from a config.", "choices": list(SCRATCH_MODELS)},
     )
-    vocab_size: int = field(default=8000, metadata={"help": "From scratch: size of the tokenizer trained on the data."})
+    vocab_size: int = field(
+        default=8000, metadata={"help": "From scratch: size of the tokenizer trained on the data."}
+    )
     d_model: int = field(default=128, metadata={"help": "From scratch: hidden size."})
     num_layers: int = field(default=2, metadata={"help": "From scratch: layers of the encoder and of the decoder."})
     num_heads: int = field(default=4, metadata={"help": "From scratch: attention heads."})
@@ -122,7 +133,9 @@ class DataTrainingArguments:
             "such as en_XX also works: the part before '_' is the key. Embedded data: en."
         },
     )
-    target_lang: str | None = field(default=None, metadata={"help": "Target language, as --source_lang. Embedded: fr."})
+    target_lang: str | None = field(
+        default=None, metadata={"help": "Target language, as --source_lang. Embedded: fr."}
+    )
     source_lang_code: str | None = field(
         default=None,
         metadata={"help": "Multilingual tokenizers: source code (mBART en_XX, NLLB eng_Latn); default --source_lang."},
@@ -141,7 +154,9 @@ class DataTrainingArguments:
     max_target_length: int = field(default=128, metadata={"help": "Target length after tokenization (truncated)."})
     val_max_target_length: int | None = field(
         default=None,
-        metadata={"help": "Target length for evaluation, and `max_length` of generation; default --max_target_length."},
+        metadata={
+            "help": "Target length for evaluation, and `max_length` of generation; default --max_target_length."
+        },
     )
     num_beams: int | None = field(default=None, metadata={"help": "Beams of `generate` in evaluation and prediction."})
     source_prefix: str | None = field(
@@ -265,7 +280,7 @@ def language_keys(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[s
         key = lang if lang in found else lang.split("_")[0]
         if key not in found:
             where = "languages in the `translation` column" if column else "columns (no `translation` column)"
-            raise ValueError(f"--{flag} {lang!r} is not in the dataset; found {where}: {', '.join(found)}")
+            raise UsageError(f"--{flag} {lang!r} is not in the dataset; found {where}: {', '.join(found)}")
         keys.append(key)
     return keys[0], keys[1], column
 
@@ -282,7 +297,7 @@ def set_language_codes(
     target_code = data_args.target_lang_code or data_args.target_lang
     for flag, code in (("source_lang_code", source_code), ("target_lang_code", target_code)):
         if tokenizer.convert_tokens_to_ids(code) in (None, tokenizer.unk_token_id):
-            raise ValueError(
+            raise UsageError(
                 f"{type(tokenizer).__name__} needs language codes, and {code!r} is not one of its tokens: pass "
                 f"--{flag} (e.g. en_XX for mBART, eng_Latn for NLLB)"
             )
@@ -297,12 +312,14 @@ def set_language_codes(
 def main() -> None:
     # 1. Parse
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSeq2SeqTrainingArguments))
-    model_args, data_args, training_args = parse_arguments(parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS)
+    model_args, data_args, training_args = parse_arguments(
+        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, run_flags=RUN_FLAGS
+    )
     if data_args.embedded:
         data_args.source_lang = data_args.source_lang or "en"
         data_args.target_lang = data_args.target_lang or "fr"
     elif data_args.source_lang is None or data_args.target_lang is None:
-        raise ValueError("Pass --source_lang and --target_lang: the keys of the `translation` dicts, e.g. en and fr")
+        raise UsageError("Pass --source_lang and --target_lang: the keys of the `translation` dicts, e.g. en and fr")
 
     # 2. Logging
     setup_logging(training_args, logger)
@@ -317,9 +334,12 @@ def main() -> None:
     # 5. Data
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     if data_args.embedded:
-        raw_datasets = number_corpus(data_args.num_embedded_train, data_args.num_embedded_eval, seed=training_args.seed)
+        raw_datasets = number_corpus(
+            data_args.num_embedded_train, data_args.num_embedded_eval, seed=training_args.seed
+        )
     elif data_args.dataset_name is not None:
-        raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
+        with from_hub(f"the dataset {data_args.dataset_name!r}"):
+            raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     else:
         files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
         raw_datasets = load_dataset("json", data_files={k: v for k, v in files.items() if v}, **hub)
@@ -327,9 +347,7 @@ def main() -> None:
     splits = {split: raw_datasets.get(split) for split, flag in wanted.items() if getattr(training_args, flag)}
     for split, dataset in splits.items():
         if dataset is None:
-            raise ValueError(f"--{wanted[split]} needs a {split!r} split; the data has {', '.join(raw_datasets)}")
-    if not splits:
-        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict")
+            raise UsageError(f"--{wanted[split]} needs a {split!r} split; the data has {', '.join(raw_datasets)}")
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -349,9 +367,10 @@ def main() -> None:
     if model_args.model_name_or_path is None:
         tokenizer_source = model_args.tokenizer_name or last_checkpoint
         if tokenizer_source is not None:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub)
+            with from_hub(f"the tokenizer {tokenizer_source!r}"):
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub)
         elif "train" not in splits:
-            raise ValueError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
+            raise UsageError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
         else:
             # one process trains it, the others load its copy: every process must use the same vocabulary
             with training_args.main_process_first(desc="training the tokenizer", local=False):
@@ -369,15 +388,19 @@ def main() -> None:
         logger.info(f"Built a {model_args.model_type} model from a config: {model.num_parameters():,} parameters")
     else:
         hub["revision"] = model_args.model_revision
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
         if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
-            raise ValueError(
+            raise UsageError(
                 f"{model_args.model_name_or_path} is a {config.model_type!r} model (architectures: "
                 f"{', '.join(config.architectures or ['unknown'])}) without a sequence-to-sequence head; translation "
                 "needs an encoder-decoder model such as Marian, T5/mT5, BART/mBART or NLLB"
             )
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
+        tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
+        with from_hub(f"the tokenizer {tokenizer_name!r}"):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, **hub)
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config, **hub)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         if hasattr(tokenizer, "set_src_lang_special_tokens"):
@@ -385,7 +408,9 @@ def main() -> None:
         if config.model_type == "t5" and data_args.source_prefix is None:
             logger.warning("T5 expects a task prefix, e.g. --source_prefix 'translate English to French: '")
     if model.config.decoder_start_token_id is None:
-        raise ValueError(f"{type(model).__name__} has no `config.decoder_start_token_id`: set it in the model's config")
+        raise UsageError(
+            f"{type(model).__name__} has no `config.decoder_start_token_id`: set it in the model's config"
+        )
     if forced_bos_token is not None:
         model.generation_config.forced_bos_token_id = tokenizer.convert_tokens_to_ids(forced_bos_token)
 
@@ -395,7 +420,9 @@ def main() -> None:
 
     def preprocess(batch: dict[str, list], max_target_length: int) -> dict[str, list]:
         sources, targets = pairs(batch)
-        inputs = tokenizer([prefix + text for text in sources], max_length=data_args.max_source_length, truncation=True)
+        inputs = tokenizer(
+            [prefix + text for text in sources], max_length=data_args.max_source_length, truncation=True
+        )
         inputs["labels"] = tokenizer(text_target=targets, max_length=max_target_length, truncation=True)["input_ids"]
         return inputs
 
@@ -467,17 +494,24 @@ def main() -> None:
             with open(os.path.join(training_args.output_dir, "generated_predictions.txt"), "w") as f:
                 f.write("\n".join(line.strip() for line in lines) + "\n")
 
-    # 11. Model card and push
+    # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
+    if data_args.embedded:
+        dataset_name, dataset_type = EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE
+    elif data_args.dataset_name is not None:
+        dataset_name = dataset_type = data_args.dataset_name
+    else:
+        dataset_name = os.path.basename(data_args.train_file or data_args.validation_file or data_args.test_file)
+        dataset_type = "json"
     finish(
         trainer,
         finetuned_from=model_args.model_name_or_path,
         tasks="translation",
         language=[source_key, target_key],
-        dataset=EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name,
-        dataset_tags=data_args.dataset_name,
+        dataset=dataset_name,
+        dataset_tags=dataset_type,
         dataset_args=data_args.dataset_config_name,
     )
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.model_card import SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
+from hf_xsam.model_card import SEARCH_SETTINGS, SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
 
 ROOT = Path(__file__).parent.parent
 TEMPLATE = ROOT / "model_cards" / "template.md"
@@ -23,22 +23,34 @@ STATE = {"alpha": 1.6, "search_history": [{"alpha": 1.0, "step": 0}, {"alpha": 1
 
 
 def tiny_trainer(tmp_path, **overrides):
-    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, num_labels=2)
+    config = BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=2
+    )
     data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6, 7, 8]] * 4, "labels": [0, 1] * 4})
-    settings = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
-                    report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no", rho=0.07,
-                    alpha_search_interval=2)
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+        rho=0.07,
+        alpha_search_interval=2,
+    )
     settings.update(overrides)
-    trainer = XSAMTrainer(model=BertForSequenceClassification(config), args=XSAMTrainingArguments(**settings),
-                          train_dataset=data)
+    trainer = XSAMTrainer(
+        model=BertForSequenceClassification(config), args=XSAMTrainingArguments(**settings), train_dataset=data
+    )
     trainer.train()
     return trainer
 
 
 def test_section_reports_settings_alpha_sharpness_and_citation():
-    text = xsam_section({"sam_method": "xsam", "rho": 0.05, "rho_max": None, "alpha_search_interval": None},
-                        LOGS, STATE)
+    text = xsam_section(
+        {"sam_method": "xsam", "rho": 0.05, "rho_max": None, "alpha_search_interval": None}, LOGS, STATE
+    )
     assert "| rho | 0.05 |" in text
     assert "| rho_max | 0.1 (2 * rho) |" in text
     assert "| alpha_search_interval | first step of every epoch |" in text
@@ -48,7 +60,7 @@ def test_section_reports_settings_alpha_sharpness_and_citation():
     assert "0.3 at the first log, 0.1 at the last, 0.2 on average" in text
     assert "| 8 | 2 | 1 | 0.1 | 1.6 | 30 |" in text
     assert XSAM_CITATION in text and "arxiv.org/abs/2603.10048" in text
-    assert "not \"X-SAM\"" in text
+    assert 'not "X-SAM"' in text
 
 
 def test_section_keeps_at_most_ten_rows_including_the_last():
@@ -58,10 +70,26 @@ def test_section_keeps_at_most_ten_rows_including_the_last():
     assert [row.split(" | ")[0] for row in rows] == [f"| {s}" for s in (1, 12, 23, 34, 45, 56, 67, 78, 89, 100)]
 
 
-def test_baseline_section_says_no_sharpness_aware_step():
-    text = xsam_section({"sam_method": "none", "rho": 0.05})
-    assert "the base optimizer alone" in text
-    assert "What XSAM did" not in text
+SETTINGS = {"sam_method": "xsam", "rho": 0.05, "ascent_steps": 1, "rho_max": None, "alpha": 1.0, "alpha_max": 2.0,
+            "alpha_step": 0.1, "alpha_search_interval": None, "sam_interval": 1, "sam_perturbation": "local",
+            "sam_eps": 1e-12}  # fmt: skip
+
+
+def test_baseline_section_says_plain_training_and_lists_no_xsam_setting():
+    text = xsam_section({**SETTINGS, "sam_method": "none"}, LOGS, STATE)
+    assert "plain training" in text and "without sharpness-aware minimization" in text
+    assert "| sam_method | none |" in text
+    assert "| rho |" not in text and "| alpha" not in text and "What XSAM did" not in text
+    assert "Training with XSAM" not in text
+
+
+def test_sam_section_lists_no_alpha_search_setting():
+    text = xsam_section({**SETTINGS, "sam_method": "sam"}, LOGS, STATE)
+    assert "| rho | 0.05 |" in text and "| ascent_steps | 1 |" in text
+    assert not [name for name in SEARCH_SETTINGS if f"| {name} |" in text]
+    assert "Final alpha" not in text
+    xsam_text = xsam_section(SETTINGS, LOGS, STATE)
+    assert all(f"| {name} |" in xsam_text for name in SEARCH_SETTINGS)
 
 
 def test_trainer_card_has_xsam_metadata_and_section(tmp_path):
@@ -79,19 +107,34 @@ def test_trainer_card_has_xsam_metadata_and_section(tmp_path):
     assert ModelCard.load(tmp_path / "README.md").text.count(SECTION_START) == 1
 
 
-def test_trainer_card_of_the_baseline(tmp_path):
+def test_trainer_card_of_the_baseline_does_not_claim_sharpness_aware_training(tmp_path):
     trainer = tiny_trainer(tmp_path, sam_method="none")
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "README.md")
-    assert "| sam_method | none |" in card.text and set(XSAM_TAGS) <= set(card.data.tags)
+    assert "| sam_method | none |" in card.text and "plain training" in card.text
+    assert "xsam" in card.data.tags and "sharpness-aware-minimization" not in card.data.tags
+
+
+def test_trainer_card_prints_a_warmup_ratio_as_a_ratio(tmp_path):
+    trainer = tiny_trainer(tmp_path, warmup_steps=0.25, max_steps=8)
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "- lr_scheduler_warmup_ratio: 0.25 (2 of the 8 training steps)" in text  # ceil(0.25 * 8)
+    assert "lr_scheduler_warmup_steps" not in text
+
+    trainer = tiny_trainer(tmp_path, warmup_steps=3)
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "- lr_scheduler_warmup_steps: 3" in text and "warmup_ratio" not in text
 
 
 @pytest.mark.parametrize("method", ["sam", "xsam"])
 def test_template_renders_a_card_with_the_section(method):
     data = ModelCardData(library_name="transformers", tags=XSAM_TAGS, license="apache-2.0")
     section = xsam_section({"sam_method": method}, LOGS, STATE)
-    card = ModelCard.from_template(data, template_path=str(TEMPLATE), model_name="my-model",
-                                   model_summary="A model.", xsam_section=section)
+    card = ModelCard.from_template(
+        data, template_path=str(TEMPLATE), model_name="my-model", model_summary="A model.", xsam_section=section
+    )
     parsed = ModelCard(str(card))
     assert parsed.data.tags == XSAM_TAGS and parsed.data.library_name == "transformers"
     assert "# my-model" in parsed.text and f"| sam_method | {method} |" in parsed.text

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
@@ -32,20 +31,55 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from hf_xsam import XSAMSeq2SeqTrainingArguments
-
 import _common
 import classify_images
 import translate
+from hf_xsam import XSAMSeq2SeqTrainingArguments
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
-COMMON = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "1",
-          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16"]
-TINY_MARIAN = ["--d_model", "16", "--ffn_dim", "32", "--num_layers", "1", "--num_heads", "2", "--vocab_size", "120",
-               "--max_target_length", "24"]
-TINY_VIT = ["--image_size", "8", "--patch_size", "4", "--hidden_size", "16", "--num_hidden_layers", "1",
-            "--num_attention_heads", "2", "--intermediate_size", "32"]
+COMMON = [
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+]
+TINY_MARIAN = [
+    "--d_model",
+    "16",
+    "--ffn_dim",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--vocab_size",
+    "120",
+    "--max_target_length",
+    "24",
+]
+TINY_VIT = [
+    "--image_size",
+    "8",
+    "--patch_size",
+    "4",
+    "--hidden_size",
+    "16",
+    "--num_hidden_layers",
+    "1",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "32",
+]
 EMBEDDED_TRANSLATION = ["--num_embedded_train", "48", "--num_embedded_eval", "16"]
 
 
@@ -82,13 +116,26 @@ def test_number_corpus_is_reproducible_and_disjoint():
     held_out = [pair["en"] for pair in corpus["validation"]["translation"]]
     assert len(train) == 300 and len(set(held_out)) == 50 and not train & set(held_out)
     assert corpus["validation"]["translation"] == translate.number_corpus(300, 50, seed=3)["validation"]["translation"]
-    assert {"en": "twenty-one", "fr": "vingt et un"} in translate.number_corpus(2000, 0, seed=0)["train"]["translation"]
+    assert {"en": "twenty-one", "fr": "vingt et un"} in translate.number_corpus(2000, 0, seed=0)["train"][
+        "translation"
+    ]
 
 
 def test_translate_embedded_run_saves_model_tokenizer_metrics_and_card(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run(translate, monkeypatch, "--output_dir", out, *EMBEDDED_TRANSLATION, *TINY_MARIAN, *COMMON,
-        "--max_steps", 3, "--alpha_search_interval", 2)
+    run(
+        translate,
+        monkeypatch,
+        "--output_dir",
+        out,
+        *EMBEDDED_TRANSLATION,
+        *TINY_MARIAN,
+        *COMMON,
+        "--max_steps",
+        3,
+        "--alpha_search_interval",
+        2,
+    )
     metrics = read_json(out / "eval_results.json")
     assert {"eval_bleu", "eval_chrf", "eval_loss", "eval_gen_len"} <= metrics.keys()
     state = read_json(out / "trainer_state.json")
@@ -99,6 +146,13 @@ def test_translate_embedded_run_saves_model_tokenizer_metrics_and_card(tmp_path,
     assert card.data.library_name == "transformers" and card.data.language == ["en", "fr"]
     assert "| rho | 0.05 |" in card.text and "| alpha_search_interval | 2 |" in card.text
     assert "trained from scratch" in card.text
+    (result,) = card.data.eval_results  # the BLEU reaches the Hub metadata (model-index)
+    assert (result.task_type, result.dataset_name, result.dataset_type) == (
+        "translation",
+        translate.EMBEDDED_DATASET,
+        "num2words-en-fr",
+    )
+    assert result.metric_type == "bleu" and result.metric_value == metrics["eval_bleu"]
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
@@ -130,10 +184,30 @@ def test_translate_fine_tunes_a_checkpoint_on_one_column_per_language(tmp_path, 
     tokenizer = translate.train_tokenizer(["one two three", "un deux trois"], vocab_size=60, model_max_length=128)
     translate.scratch_model(model_args, tokenizer, max_length=128).save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
-    run(translate, monkeypatch, "--model_name_or_path", tmp_path / "ckpt", "--train_file", files["train"],
-        "--validation_file", files["validation"], "--source_lang", "en", "--target_lang", "fr", "--do_train",
-        "--do_eval", "--predict_with_generate", "--max_steps", 2, "--sam_method", "none",
-        "--output_dir", tmp_path / "out", *COMMON)
+    run(
+        translate,
+        monkeypatch,
+        "--model_name_or_path",
+        tmp_path / "ckpt",
+        "--train_file",
+        files["train"],
+        "--validation_file",
+        files["validation"],
+        "--source_lang",
+        "en",
+        "--target_lang",
+        "fr",
+        "--do_train",
+        "--do_eval",
+        "--predict_with_generate",
+        "--max_steps",
+        2,
+        "--sam_method",
+        "none",
+        "--output_dir",
+        tmp_path / "out",
+        *COMMON,
+    )
     assert "eval_chrf" in read_json(tmp_path / "out" / "eval_results.json")
     assert "| sam_method | none |" in ModelCard.load(tmp_path / "out" / "README.md").text
 
@@ -147,19 +221,45 @@ def test_translate_fine_tunes_an_nllb_style_model_with_language_codes(tmp_path, 
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=2,
     )).save_pretrained(tmp_path / "nllb")  # fmt: skip
     tokenizer.save_pretrained(tmp_path / "nllb")
-    run(translate, monkeypatch, "--model_name_or_path", tmp_path / "nllb", "--train_file", files["train"],
-        "--validation_file", files["validation"], "--source_lang", "en", "--target_lang", "fr",
-        "--source_lang_code", "eng_Latn", "--target_lang_code", "fra_Latn", "--do_train", "--do_eval",
-        "--predict_with_generate", "--max_steps", 1, "--max_target_length", 8, "--output_dir", tmp_path / "out",
-        *COMMON)
+    run(
+        translate,
+        monkeypatch,
+        "--model_name_or_path",
+        tmp_path / "nllb",
+        "--train_file",
+        files["train"],
+        "--validation_file",
+        files["validation"],
+        "--source_lang",
+        "en",
+        "--target_lang",
+        "fr",
+        "--source_lang_code",
+        "eng_Latn",
+        "--target_lang_code",
+        "fra_Latn",
+        "--do_train",
+        "--do_eval",
+        "--predict_with_generate",
+        "--max_steps",
+        1,
+        "--max_target_length",
+        8,
+        "--output_dir",
+        tmp_path / "out",
+        *COMMON,
+    )
     generation = read_json(tmp_path / "out" / "generation_config.json")
     assert generation["forced_bos_token_id"] == tokenizer.convert_tokens_to_ids("fra_Latn")
 
 
 def test_language_codes_are_checked_and_mbart_starts_with_the_target_code():
     data_args = translate.DataTrainingArguments(source_lang="en", target_lang="fr")
-    with pytest.raises(ValueError, match=r"NllbTokenizer needs language codes, and 'en' is not one of its tokens: "
-                                         r"pass --source_lang_code"):
+    with pytest.raises(
+        ValueError,
+        match=r"NllbTokenizer needs language codes, and 'en' is not one of its tokens: "
+        r"pass --source_lang_code",
+    ):
         translate.set_language_codes(None, NllbTokenizer(), data_args)
 
     tokenizer, model = MBartTokenizer(), SimpleNamespace(config=SimpleNamespace(decoder_start_token_id=None))
@@ -170,8 +270,9 @@ def test_language_codes_are_checked_and_mbart_starts_with_the_target_code():
 
 
 def bert_checkpoint(path):
-    BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=16)).save_pretrained(path)
+    BertModel(
+        BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(path)
     return path
 
 
@@ -187,8 +288,18 @@ def bert_checkpoint(path):
 )
 def test_translate_errors_say_what_was_found(tmp_path, monkeypatch, case, match):
     files = translation_files(tmp_path)
-    args = ["--train_file", files["train"], "--source_lang", "en", "--target_lang", "fr", "--do_train",
-            "--output_dir", tmp_path / "out", *COMMON]
+    args = [
+        "--train_file",
+        files["train"],
+        "--source_lang",
+        "en",
+        "--target_lang",
+        "fr",
+        "--do_train",
+        "--output_dir",
+        tmp_path / "out",
+        *COMMON,
+    ]
     if case == "language":
         args[3] = "de"
     elif case == "columns":
@@ -208,15 +319,20 @@ def translate_parser():
 
 
 def parse(argv):
-    return _common.parse_arguments(translate_parser(), translate.DATA_AND_MODEL_OPTIONS, translate.EMBEDDED_DEFAULTS,
-                                   argv=list(map(str, argv)))
+    return _common.parse_arguments(
+        translate_parser(),
+        translate.DATA_AND_MODEL_OPTIONS,
+        translate.EMBEDDED_DEFAULTS,
+        argv=list(map(str, argv)),
+        run_flags=translate.RUN_FLAGS,
+    )
 
 
 def test_embedded_defaults_apply_without_data_or_model_flags_and_yield_to_explicit_ones(tmp_path):
     _, _, args = parse(["--output_dir", tmp_path, "--learning_rate", "0.01"])
     assert args.do_train and args.predict_with_generate and args.num_train_epochs == 3
     assert args.learning_rate == 0.01
-    _, _, args = parse(["--output_dir", tmp_path, "--train_file", "x.jsonl"])
+    _, _, args = parse(["--output_dir", tmp_path, "--train_file", "x.jsonl", "--do_eval"])
     assert not args.do_train and args.learning_rate == 5e-5 and args.num_train_epochs == 3
 
     (tmp_path / "a.json").write_text(json.dumps({"output_dir": str(tmp_path), "num_train_epochs": 2}))
@@ -236,12 +352,36 @@ def test_random_resized_crop_keeps_size_and_mode():
 
 def test_classify_embedded_run_saves_model_processor_metrics_and_card(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run(classify_images, monkeypatch, "--output_dir", out, *TINY_VIT, *COMMON, "--max_train_samples", 32,
-        "--max_eval_samples", 16, "--max_steps", 2, "--eval_strategy", "no")
-    assert 0.0 <= read_json(out / "eval_results.json")["eval_accuracy"] <= 1.0
+    run(
+        classify_images,
+        monkeypatch,
+        "--output_dir",
+        out,
+        *TINY_VIT,
+        *COMMON,
+        "--max_train_samples",
+        32,
+        "--max_eval_samples",
+        16,
+        "--max_steps",
+        2,
+        "--eval_strategy",
+        "no",
+    )
+    accuracy = read_json(out / "eval_results.json")["eval_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
     card = ModelCard.load(out / "README.md")
     assert {"xsam", "image-classification", "vision"} <= set(card.data.tags)
     assert "| rho | 0.05 |" in card.text and "scikit-learn digits" in card.text
+    (result,) = card.data.eval_results  # the accuracy reaches the Hub metadata (model-index)
+    assert (result.task_type, result.dataset_type, result.metric_type) == (
+        "image-classification",
+        "sklearn-digits",
+        "accuracy",
+    )
+    assert result.metric_value == accuracy and result.dataset_split is None  # not the string "None"
+    # the embedded default warmup_steps=0.05 is a ratio: ceil(0.05 * 2) = 1 step
+    assert "- lr_scheduler_warmup_ratio: 0.05 (1 of the 2 training steps)" in card.text
 
     model = AutoModelForImageClassification.from_pretrained(out)
     processor = AutoImageProcessor.from_pretrained(out)
@@ -260,13 +400,35 @@ def image_folder(root, classes=("cat", "dog"), per_class=4):
 
 
 def test_classify_fine_tunes_a_checkpoint_on_image_folders_with_a_new_head(tmp_path, monkeypatch):
-    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=10)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=10,
+    )
     ViTForImageClassification(config).save_pretrained(tmp_path / "ckpt")
     ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "ckpt")
-    run(classify_images, monkeypatch, "--model_name_or_path", tmp_path / "ckpt", "--ignore_mismatched_sizes",
-        "--train_dir", image_folder(tmp_path / "train"), "--validation_dir", image_folder(tmp_path / "valid"),
-        "--do_train", "--do_eval", "--max_steps", 2, "--output_dir", tmp_path / "out", *COMMON)
+    run(
+        classify_images,
+        monkeypatch,
+        "--model_name_or_path",
+        tmp_path / "ckpt",
+        "--ignore_mismatched_sizes",
+        "--train_dir",
+        image_folder(tmp_path / "train"),
+        "--validation_dir",
+        image_folder(tmp_path / "valid"),
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        2,
+        "--output_dir",
+        tmp_path / "out",
+        *COMMON,
+    )
     assert read_json(tmp_path / "out" / "config.json")["id2label"] == {"0": "cat", "1": "dog"}
     assert "eval_accuracy" in read_json(tmp_path / "out" / "eval_results.json")
 
@@ -274,9 +436,26 @@ def test_classify_fine_tunes_a_checkpoint_on_image_folders_with_a_new_head(tmp_p
 def test_classify_reads_image_paths_and_string_labels_from_json_lines(tmp_path, monkeypatch):
     folder = image_folder(tmp_path / "images")
     rows = [{"file": str(path), "animal": path.parent.name} for path in sorted(folder.glob("*/*.png"))]
-    run(classify_images, monkeypatch, "--train_file", write_jsonl(tmp_path / "train.jsonl", rows),
-        "--image_column_name", "file", "--label_column_name", "animal", "--train_val_split", 0.25, *TINY_VIT,
-        "--do_train", "--do_eval", "--max_steps", 1, "--output_dir", tmp_path / "out", *COMMON)
+    run(
+        classify_images,
+        monkeypatch,
+        "--train_file",
+        write_jsonl(tmp_path / "train.jsonl", rows),
+        "--image_column_name",
+        "file",
+        "--label_column_name",
+        "animal",
+        "--train_val_split",
+        0.25,
+        *TINY_VIT,
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        1,
+        "--output_dir",
+        tmp_path / "out",
+        *COMMON,
+    )
     assert read_json(tmp_path / "out" / "eval_results.json")["eval_samples"] == 2
     assert read_json(tmp_path / "out" / "config.json")["label2id"] == {"cat": 0, "dog": 1}
 
@@ -291,20 +470,46 @@ def test_classify_reads_image_paths_and_string_labels_from_json_lines(tmp_path, 
     ],
 )  # fmt: skip
 def test_classify_errors_say_what_was_found(tmp_path, monkeypatch, flags, match):
-    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"]), "size": Value("int64"),
-                         "caption": Value("string")})
+    features = Features(
+        {
+            "image": Image(),
+            "label": ClassLabel(names=["cat", "dog"]),
+            "size": Value("int64"),
+            "caption": Value("string"),
+        }
+    )
     images = [PILImage.new("RGB", (8, 8))] * 2
-    Dataset.from_dict({"image": images, "label": [0, 1], "size": [8, 8], "caption": ["a cat", "a dog"]},
-                      features=features).to_parquet(tmp_path / "train.parquet")
+    Dataset.from_dict(
+        {"image": images, "label": [0, 1], "size": [8, 8], "caption": ["a cat", "a dog"]}, features=features
+    ).to_parquet(tmp_path / "train.parquet")
     with pytest.raises(ValueError, match=match):
-        run(classify_images, monkeypatch, "--train_file", tmp_path / "train.parquet", *flags, "--do_train",
-            "--output_dir", tmp_path / "out", *COMMON)
+        run(
+            classify_images,
+            monkeypatch,
+            "--train_file",
+            tmp_path / "train.parquet",
+            *flags,
+            "--do_train",
+            "--output_dir",
+            tmp_path / "out",
+            *COMMON,
+        )
 
 
 def test_classify_refuses_a_model_without_an_image_classification_head(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"is a 'bert' model without an image-classification head"):
-        run(classify_images, monkeypatch, "--model_name_or_path", bert_checkpoint(tmp_path / "bert"),
-            "--train_dir", image_folder(tmp_path / "train"), "--do_train", "--output_dir", tmp_path / "out", *COMMON)
+        run(
+            classify_images,
+            monkeypatch,
+            "--model_name_or_path",
+            bert_checkpoint(tmp_path / "bert"),
+            "--train_dir",
+            image_folder(tmp_path / "train"),
+            "--do_train",
+            "--output_dir",
+            tmp_path / "out",
+            *COMMON,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,9 +524,18 @@ def test_push_failures_say_whether_anything_was_trained_and_where_it_is(tmp_path
             raise OfflineModeIsEnabled("offline mode is enabled")
 
     monkeypatch.setattr(transformers.trainer, "hf_api", Offline)
-    with pytest.raises(RuntimeError, match="creating the Hub repository failed .*nothing has been trained yet"):
-        run(classify_images, monkeypatch, "--output_dir", tmp_path / "a", *TINY_VIT, *COMMON, "--max_steps", 1,
-            "--push_to_hub")
+    with pytest.raises(RuntimeError, match=r"creating the Hub repository failed .*nothing has been trained yet"):
+        run(
+            classify_images,
+            monkeypatch,
+            "--output_dir",
+            tmp_path / "a",
+            *TINY_VIT,
+            *COMMON,
+            "--max_steps",
+            1,
+            "--push_to_hub",
+        )
 
     class UploadFails:
         def create_repo(self, repo_id, **kwargs):
@@ -334,8 +548,19 @@ def test_push_failures_say_whether_anything_was_trained_and_where_it_is(tmp_path
     out = tmp_path / "b"
     match = r"Pushing to the Hub failed .* saved in .*b; upload them later with `hf upload someone/b "
     with pytest.raises(RuntimeError, match=match):
-        run(classify_images, monkeypatch, "--output_dir", out, *TINY_VIT, *COMMON, "--max_steps", 1,
-            "--max_eval_samples", 8, "--push_to_hub")
+        run(
+            classify_images,
+            monkeypatch,
+            "--output_dir",
+            out,
+            *TINY_VIT,
+            *COMMON,
+            "--max_steps",
+            1,
+            "--max_eval_samples",
+            8,
+            "--push_to_hub",
+        )
     assert {"model.safetensors", "preprocessor_config.json", "eval_results.json", "README.md"} <= set(os.listdir(out))
 
 
@@ -354,16 +579,87 @@ def test_two_cpu_processes_train_together(tmp_path, launcher):
     """translate.py under `accelerate launch`, classify_images.py under `torchrun`: one global batch of 2 x 8."""
     port = str(free_port())
     if launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", port, str(SCRIPTS / "translate.py"), *EMBEDDED_TRANSLATION, *TINY_MARIAN]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+            str(SCRIPTS / "translate.py"),
+            *EMBEDDED_TRANSLATION,
+            *TINY_MARIAN,
+        ]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                   str(SCRIPTS / "classify_images.py"), *TINY_VIT, "--max_eval_samples", 16]
-    command += ["--output_dir", str(tmp_path / "out"), *COMMON, "--max_train_samples", 32, "--num_train_epochs", 1,
-                "--eval_strategy", "no"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(SCRIPTS / "classify_images.py"),
+            *TINY_VIT,
+            "--max_eval_samples",
+            16,
+        ]
+    command += [
+        "--output_dir",
+        str(tmp_path / "out"),
+        *COMMON,
+        "--max_train_samples",
+        32,
+        "--num_train_epochs",
+        1,
+        "--eval_strategy",
+        "no",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert read_json(tmp_path / "out" / "trainer_state.json")["global_step"] == 2  # 32 samples / (2 x 8)
     assert "xsam" in ModelCard.load(tmp_path / "out" / "README.md").data.tags
+
+
+# --------------------------------------------------------------------------------------------------
+# accelerate configs
+
+
+@pytest.mark.parametrize("name, distributed_type", [("multi_gpu", "MULTI_GPU"), ("fsdp2", "FSDP")])
+def test_accelerate_configs_launch_what_they_say(monkeypatch, name, distributed_type):
+    """The environment `accelerate launch --config_file` gives the processes, from accelerate's own parser."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = SCRIPTS / "accelerate_configs" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), str(SCRIPTS / "translate.py")])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 2 and (args.use_fsdp if name == "fsdp2" else args.multi_gpu)
+    env = prepare_multi_gpu_env(args)
+    assert env.get("ACCELERATE_USE_FSDP", "false") == ("true" if distributed_type == "FSDP" else "false")
+    if name == "fsdp2":
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert FullyShardedDataParallelPlugin().fsdp_version == 2  # what the Trainer's Accelerator builds
+        text = config.read_text()  # the flags XSAM needs with FSDP, which a config file cannot set
+        assert "--sam_perturbation global" in text and '"sync_each_batch": true' in text
+
+
+@pytest.mark.parametrize("script", [classify_images, translate])
+def test_default_output_folders_of_the_embedded_runs_are_ignored_by_git(script):
+    root = SCRIPTS.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    folder = script.EMBEDDED_DEFAULTS["output_dir"]
+    result = subprocess.run(["git", "check-ignore", "-q", f"{folder}/README.md"], cwd=root)
+    assert result.returncode == 0, f"{folder}/ is not in .gitignore"
