@@ -50,9 +50,8 @@ from torch.autograd.profiler import record_function
 from transformers import Trainer, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
-from toy_tasks import SIZES, TASKS, Task, build_task
-
 from hf_xsam import XSAMTrainer, XSAMTrainerMixin, XSAMTrainingArguments
+from toy_tasks import SIZES, TASKS, Task, build_task
 
 NEVER = 10**9  # alpha_search_interval that searches on the first step only (done during warm-up)
 
@@ -71,7 +70,15 @@ CONFIGS = {
     "xsam-ga2": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 2, 1),
 }
 TIMED = [
-    "base", "base-2pass", "sam", "xsam", "xsam-search", "xsam-search-ternary", "xsam-interval2", "sam-k2", "xsam-k2"
+    "base",
+    "base-2pass",
+    "sam",
+    "xsam",
+    "xsam-search",
+    "xsam-search-ternary",
+    "xsam-interval2",
+    "sam-k2",
+    "xsam-k2",
 ]
 MEASURED_MEMORY = ["base", "sam", "xsam-search", "base-ga2", "xsam-ga2"]
 BATCH_SIZE = {
@@ -152,8 +159,16 @@ def make_task(name: str, size: str, seed: int) -> Task:
         raise ValueError(f"Invalid size 'base' for task {name!r}: the base preset is a ViT")
     task = build_task("vit", "large", seed)  # its data: 16x16 digits
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=16, patch_size=1, num_channels=1, hidden_size=768, num_hidden_layers=12,
-                       num_attention_heads=12, intermediate_size=3072, num_labels=10)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=1,
+        num_channels=1,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        num_labels=10,
+    )
     return dataclasses.replace(task, size="base", model=ViTForImageClassification(config))
 
 
@@ -482,7 +497,10 @@ def parse_args() -> argparse.Namespace:
         help="timed configurations (at least base sam xsam xsam-search)",
     )
     parser.add_argument(
-        "--memory-configs", nargs="+", choices=list(CONFIGS), default=MEASURED_MEMORY,
+        "--memory-configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=MEASURED_MEMORY,
         help="configurations whose memory is measured (base at least; base-ga2 for the -ga2 ones)",
     )
     parser.add_argument("--rounds", type=int, default=60, help="timed rounds (one unit per configuration each)")

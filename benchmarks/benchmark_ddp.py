@@ -13,8 +13,8 @@ engine's directly, both through a counting `torch.distributed.all_reduce`. Rank 
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import time
 
@@ -101,26 +101,46 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     n = options.batch_size * dist_world_size() * (options.steps + options.warmup)
     data = Dataset.from_dict(
-        {"pixel_values": torch.randn(n, 3, 32, 32, generator=generator).numpy(), "labels": torch.randint(0, 10, (n,)).numpy()}
+        {
+            "pixel_values": torch.randn(n, 3, 32, 32, generator=generator).numpy(),
+            "labels": torch.randint(0, 10, (n,)).numpy(),
+        }
     ).with_format("torch")
-    config = ViTConfig(image_size=32, patch_size=4, hidden_size=options.hidden_size, num_hidden_layers=options.layers,
-                       num_attention_heads=4, intermediate_size=4 * options.hidden_size, num_labels=10)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        hidden_size=options.hidden_size,
+        num_hidden_layers=options.layers,
+        num_attention_heads=4,
+        intermediate_size=4 * options.hidden_size,
+        num_labels=10,
+    )
     timers = {name: StepTimer(counter) for name in CONFIGURATIONS}
     parameters = 0
     # rounds of every configuration in turn, so that a busy machine slows them alike
     for _ in range(options.rounds):
         for name, settings in CONFIGURATIONS.items():
             args = XSAMTrainingArguments(
-                output_dir="/tmp/benchmark_ddp", per_device_train_batch_size=options.batch_size,
-                max_steps=options.steps + options.warmup, report_to="none", disable_tqdm=True, use_cpu=True,
-                ddp_backend="gloo", ddp_find_unused_parameters=False, save_strategy="no", logging_strategy="no",
-                alpha_search_interval=0, seed=0, **settings,
+                output_dir="/tmp/benchmark_ddp",
+                per_device_train_batch_size=options.batch_size,
+                max_steps=options.steps + options.warmup,
+                report_to="none",
+                disable_tqdm=True,
+                use_cpu=True,
+                ddp_backend="gloo",
+                ddp_find_unused_parameters=False,
+                save_strategy="no",
+                logging_strategy="no",
+                alpha_search_interval=0,
+                seed=0,
+                **settings,
             )
             torch.manual_seed(0)
             timer = timers[name]
             timer.skip = options.warmup
-            trainer = HookedTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data,
-                                    callbacks=[timer])
+            trainer = HookedTrainer(
+                model=ViTForImageClassification(config), args=args, train_dataset=data, callbacks=[timer]
+            )
             trainer.counter = counter
             trainer.train()
             parameters = sum(p.numel() for p in trainer.model.parameters())
@@ -135,13 +155,17 @@ def main() -> None:
     }
     if dist.get_rank() == 0:
         base = results["plain DDP (none)"]
-        print(f"{dist.get_world_size()} processes, ViT hidden {options.hidden_size} x {options.layers} layers, "
-              f"{base['parameter_bytes'] / 2**20:.2f} MiB of fp32 parameters")
-        print(f"| configuration | median step (s) | vs plain DDP | all-reduced per step (MiB) | vs plain DDP |")
+        print(
+            f"{dist.get_world_size()} processes, ViT hidden {options.hidden_size} x {options.layers} layers, "
+            f"{base['parameter_bytes'] / 2**20:.2f} MiB of fp32 parameters"
+        )
+        print("| configuration | median step (s) | vs plain DDP | all-reduced per step (MiB) | vs plain DDP |")
         print("| --- | --- | --- | --- | --- |")
         for name, r in results.items():
-            print(f"| {name} | {r['median_step_s']:.4f} | {r['median_step_s'] / base['median_step_s']:.2f} | "
-                  f"{r['bytes_per_step'] / 2**20:.2f} | {r['bytes_per_step'] / base['bytes_per_step']:.2f} |")
+            print(
+                f"| {name} | {r['median_step_s']:.4f} | {r['median_step_s'] / base['median_step_s']:.2f} | "
+                f"{r['bytes_per_step'] / 2**20:.2f} | {r['bytes_per_step'] / base['bytes_per_step']:.2f} |"
+            )
         with open(options.json, "w") as f:
             json.dump(results, f, indent=2)
 

@@ -37,7 +37,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from benchmark import Clock, live_tensor_bytes, paired_ratio
-
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
 
 NEVER = 10**9
@@ -52,21 +51,42 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def build_model(vocab: int, hidden: int, layers: int, seq: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                         max_position_embeddings=seq, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=seq,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
 def make_trainer(model, name: str, output_dir: str, lora_r: int) -> XSAMSFTTrainer:
-    args = XSAMSFTConfig(output_dir=output_dir, report_to="none", learning_rate=1e-4, bf16=False, use_cpu=True,
-                         rho=0.05, max_steps=NEVER, **CONFIGS[name])
+    args = XSAMSFTConfig(
+        output_dir=output_dir,
+        report_to="none",
+        learning_rate=1e-4,
+        bf16=False,
+        use_cpu=True,
+        rho=0.05,
+        max_steps=NEVER,
+        **CONFIGS[name],
+    )
     # SFTTrainer wants a dataset and a tokenizer to prepare it with; the timed batch is made in main()
     data = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, "<pad>")),
-                                        pad_token="<pad>", eos_token="<pad>")
-    trainer = XSAMSFTTrainer(model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=LORA_TARGETS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, "<pad>")), pad_token="<pad>", eos_token="<pad>"
+    )
+    trainer = XSAMSFTTrainer(
+        model=copy.deepcopy(model),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=LORA_TARGETS),
+    )
     trainer.model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
     trainer.model.enable_input_require_grads()
     trainer.create_optimizer_and_scheduler(num_training_steps=NEVER)
@@ -135,20 +155,31 @@ def main() -> None:
             "trainable_bytes": sum(p.nbytes for p in trainable),
         }
     medians = {name: statistics.median(values) for name, values in times.items()}
-    ratios = {f"{a}/{b}": paired_ratio(times, a, b) for a, b in
-              (("sam", "none"), ("xsam", "none"), ("xsam", "sam"), ("xsam-search", "xsam"))}
+    ratios = {
+        f"{a}/{b}": paired_ratio(times, a, b)
+        for a, b in (("sam", "none"), ("xsam", "none"), ("xsam", "sam"), ("xsam-search", "xsam"))
+    }
     live = {name: value - memory["none"] for name, value in memory.items()}
-    result = {"settings": vars(args) | {"json": str(args.json)}, "median_s": medians, "ratios": ratios,
-              "sizes": sizes, "live_tensor_bytes_over_none": live}
-    print(f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, "
-          f"LoRA r={args.lora_r}, "
-          f"gradient checkpointing, CPU {args.threads} thread(s), {args.rounds} rounds")
+    result = {
+        "settings": vars(args) | {"json": str(args.json)},
+        "median_s": medians,
+        "ratios": ratios,
+        "sizes": sizes,
+        "live_tensor_bytes_over_none": live,
+    }
+    print(
+        f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, "
+        f"LoRA r={args.lora_r}, "
+        f"gradient checkpointing, CPU {args.threads} thread(s), {args.rounds} rounds"
+    )
     for name, value in medians.items():
         print(f"  {name:12s} {1e3 * value:8.1f} ms/step")
     for key, (median, q1, q3) in ratios.items():
         print(f"  {key:18s} {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
-    print(f"  parameters {sizes['model_parameters']:,}; trainable (LoRA) {sizes['trainable_parameters']:,}; "
-          f"XSAM saved copy {sizes['xsam_saved_copy_elements']:,} elements ({sizes['xsam_saved_copy_bytes']:,} bytes)")
+    print(
+        f"  parameters {sizes['model_parameters']:,}; trainable (LoRA) {sizes['trainable_parameters']:,}; "
+        f"XSAM saved copy {sizes['xsam_saved_copy_elements']:,} elements ({sizes['xsam_saved_copy_bytes']:,} bytes)"
+    )
     print("  live tensor bytes kept between steps, over none's: " + ", ".join(f"{k} {v:,}" for k, v in live.items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -127,9 +127,7 @@ def _project(e: Tensor, radius: float) -> Tensor:
     return e * (radius / norm) if norm > radius else e
 
 
-def engine_direction(
-    probe: LossProbe, *, step: int = 0, **xsam_settings: Any
-) -> tuple[Tensor, XSAM, XSAMStepStats]:
+def engine_direction(probe: LossProbe, *, step: int = 0, **xsam_settings: Any) -> tuple[Tensor, XSAM, XSAMStepStats]:
     """The direction a fresh :class:`~hf_xsam.XSAM` engine leaves in ``.grad`` for the probe's batch at ``w0``.
 
     With ``alpha_search_interval=0, alpha=1`` it is ``g_k`` (k-step SAM's gradient); with the defaults, the first step

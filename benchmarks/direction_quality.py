@@ -31,16 +31,12 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from toy_tasks import TASKS, Task, build_task
-
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from diagnostics import (
     LossProbe,
     ball_maximum,
@@ -49,9 +45,10 @@ from diagnostics import (
     plane_basis,
     plane_slice,
 )
-from landscape import plot_landscape
-
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.plots import XSAMPlotCallback
+from landscape import plot_landscape
+from toy_tasks import TASKS, Task, build_task
 
 TRAINING = {  # learning rate, epochs, batch size
     "vit": (2e-3, 15, 64),

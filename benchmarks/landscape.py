@@ -62,4 +62,3 @@ def plot_landscape(
     # a dark legend, so that the white circles and points show in it as on the slice
     fig.legend(loc="outside lower center", ncols=2, fontsize="small", facecolor="0.3", labelcolor="white")
     fig.savefig(path, dpi=120)
-

@@ -25,10 +25,9 @@ import torch
 from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from toy_tasks import build_task
-
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.search import grid_search, ternary_search
+from toy_tasks import build_task
 
 
 def add_label_noise(examples: list[dict[str, torch.Tensor]], share: float, classes: int, seed: int) -> int:
@@ -72,9 +71,7 @@ def train(args: argparse.Namespace, rho: float) -> tuple[list[dict], dict]:
             alpha_search="grid",
             alpha_search_interval=args.search_every,
         )
-        trainer = XSAMTrainer(
-            model=task.model, args=training, train_dataset=task.train, data_collator=task.collate
-        )
+        trainer = XSAMTrainer(model=task.model, args=training, train_dataset=task.train, data_collator=task.collate)
         trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
         trainer.train()
@@ -100,6 +97,7 @@ def compare(history: list[dict], grid: list[float]) -> dict:
         curve = search["losses"]
         if len(curve) != len(grid):
             continue  # a search skipped for a non-finite gradient
+
         def evaluate(indices: list[int], curve: list[float] = curve) -> list[float]:
             return [curve[i] for i in indices]
 
@@ -150,8 +148,10 @@ def main() -> None:
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     results = {"settings": vars(args), "runs": []}
-    print("| rho | steps | searches | unimodal | same alpha | same on unimodal | apart when not "
-          "| evaluations mean / max | train s | test acc |")
+    print(
+        "| rho | steps | searches | unimodal | same alpha | same on unimodal | apart when not "
+        "| evaluations mean / max | train s | test acc |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for rho in args.rhos:
         history, run = train(args, rho)

@@ -31,7 +31,17 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-__all__ = ["TASKS", "run_name", "run_one", "summarize_run", "table", "paired_table", "alpha_table", "plot_curves", "main"]
+__all__ = [
+    "TASKS",
+    "run_name",
+    "run_one",
+    "summarize_run",
+    "table",
+    "paired_table",
+    "alpha_table",
+    "plot_curves",
+    "main",
+]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
 METHODS = ["none", "sam", "xsam"]
@@ -43,18 +53,59 @@ TASKS = {
         "defaults": ["--min_crop_scale", "1", "--dropout", "0", "--eval_train_samples", "500"],
     },
     "cifar10": {
-        "data": lambda data_dir: ["--train_file", f"{data_dir}/train.parquet", "--validation_file",
-                                  f"{data_dir}/test.parquet", "--image_column_name", "img"],
-        "defaults": ["--do_train", "--do_eval", "--image_size", "32", "--patch_size", "4", "--hidden_size", "96",
-                     "--num_hidden_layers", "4", "--intermediate_size", "192", "--learning_rate", "1e-3",
-                     "--weight_decay", "0.05", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
-                     "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "256",
-                     "--min_crop_scale", "0.8", "--eval_train_samples", "1000"],
+        "data": lambda data_dir: [
+            "--train_file",
+            f"{data_dir}/train.parquet",
+            "--validation_file",
+            f"{data_dir}/test.parquet",
+            "--image_column_name",
+            "img",
+        ],
+        "defaults": [
+            "--do_train",
+            "--do_eval",
+            "--image_size",
+            "32",
+            "--patch_size",
+            "4",
+            "--hidden_size",
+            "96",
+            "--num_hidden_layers",
+            "4",
+            "--intermediate_size",
+            "192",
+            "--learning_rate",
+            "1e-3",
+            "--weight_decay",
+            "0.05",
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_steps",
+            "0.05",
+            "--per_device_train_batch_size",
+            "64",
+            "--per_device_eval_batch_size",
+            "256",
+            "--min_crop_scale",
+            "0.8",
+            "--eval_train_samples",
+            "1000",
+        ],
     },
 }
 # what every run needs for the curves, after the task's and the user's flags
-STUDY_FLAGS = ["--eval_strategy", "epoch", "--logging_strategy", "epoch", "--save_strategy", "no",
-               "--report_to", "none", "--disable_tqdm", "true"]
+STUDY_FLAGS = [
+    "--eval_strategy",
+    "epoch",
+    "--logging_strategy",
+    "epoch",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def run_name(label_noise: float, rho: float, method: str, seed: int) -> str:
@@ -88,14 +139,34 @@ def run_one(task: str, data_dir: str | None, setting: dict, extra: list[str], ou
     result_file = out / "study_run.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    command = [sys.executable, str(SCRIPT), *TASKS[task]["data"](data_dir), *TASKS[task]["defaults"], *extra,
-               *STUDY_FLAGS, "--sam_method", setting["method"], "--seed", str(setting["seed"]),
-               "--label_noise", str(setting["label_noise"]), "--rho", str(setting["rho"]), "--output_dir", str(out)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        *TASKS[task]["data"](data_dir),
+        *TASKS[task]["defaults"],
+        *extra,
+        *STUDY_FLAGS,
+        "--sam_method",
+        setting["method"],
+        "--seed",
+        str(setting["seed"]),
+        "--label_noise",
+        str(setting["label_noise"]),
+        "--rho",
+        str(setting["rho"]),
+        "--output_dir",
+        str(out),
+    ]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        subprocess.run(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+        )
     wall_s = time.perf_counter() - start
     state = json.loads((out / "trainer_state.json").read_text())
     final = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
@@ -119,14 +190,30 @@ def _groups(results: list[dict]) -> dict[tuple, list[dict]]:
 
 def table(results: list[dict]) -> str:
     """Markdown: one row per (label noise, rho, method), mean ± standard deviation over seeds."""
-    header = ["label noise", "rho", "method", "final accuracy", "best accuracy", "epoch of best",
-              "train accuracy (noisy labels)", "wall time (s)", "seeds"]
+    header = [
+        "label noise",
+        "rho",
+        "method",
+        "final accuracy",
+        "best accuracy",
+        "epoch of best",
+        "train accuracy (noisy labels)",
+        "wall time (s)",
+        "seeds",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (noise, rho, method), runs in _groups(results).items():
-        cells = [f"{noise:g}", "-" if method == "none" else f"{rho:g}", method,
-                 _mean_std([r["final_accuracy"] for r in runs], 3), _mean_std([r["best_accuracy"] for r in runs], 3),
-                 _mean_std([r["best_epoch"] for r in runs], 1), _mean_std([r["train_curve"][-1] for r in runs], 3),
-                 _mean_std([r["wall_s"] for r in runs], 0), str(len(runs))]
+        cells = [
+            f"{noise:g}",
+            "-" if method == "none" else f"{rho:g}",
+            method,
+            _mean_std([r["final_accuracy"] for r in runs], 3),
+            _mean_std([r["best_accuracy"] for r in runs], 3),
+            _mean_std([r["best_epoch"] for r in runs], 1),
+            _mean_std([r["train_curve"][-1] for r in runs], 3),
+            _mean_std([r["wall_s"] for r in runs], 0),
+            str(len(runs)),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -137,14 +224,19 @@ def paired_table(results: list[dict]) -> str:
     header = ["label noise", "rho", "comparison", "final accuracy", "ahead (final)", "best accuracy", "ahead (best)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     # rho does not change the base optimizer: its runs pair with every rho
-    runs = {(r["label_noise"], None if r["method"] == "none" else r["rho"], r["method"], r["seed"]): r
-            for r in results}
+    runs = {
+        (r["label_noise"], None if r["method"] == "none" else r["rho"], r["method"], r["seed"]): r for r in results
+    }
     settings = sorted({(r["label_noise"], r["rho"]) for r in results if r["method"] != "none"})
-    for (noise, rho), (first, second) in itertools.product(settings, [("sam", "none"), ("xsam", "none"),
-                                                                      ("xsam", "sam")]):
+    for (noise, rho), (first, second) in itertools.product(
+        settings, [("sam", "none"), ("xsam", "none"), ("xsam", "sam")]
+    ):
         second_rho = None if second == "none" else rho
-        pairs = [(run, runs[noise, second_rho, second, seed]) for (n, r, m, seed), run in runs.items()
-                 if (n, r, m) == (noise, rho, first) and (noise, second_rho, second, seed) in runs]
+        pairs = [
+            (run, runs[noise, second_rho, second, seed])
+            for (n, r, m, seed), run in runs.items()
+            if (n, r, m) == (noise, rho, first) and (noise, second_rho, second, seed) in runs
+        ]
         if not pairs:
             continue
         cells = [f"{noise:g}", f"{rho:g}", f"{first} − {second}"]
@@ -157,20 +249,32 @@ def paired_table(results: list[dict]) -> str:
 
 def alpha_table(results: list[dict], alpha_max: float) -> str:
     """Markdown: XSAM's searched alpha per setting (epochs pooled over seeds)."""
-    header = ["label noise", "rho", "mean alpha", "first 5 epochs", "last 5 epochs", "range",
-              f"epochs at the grid end ({alpha_max:g})", "epoch-to-epoch change"]
+    header = [
+        "label noise",
+        "rho",
+        "mean alpha",
+        "first 5 epochs",
+        "last 5 epochs",
+        "range",
+        f"epochs at the grid end ({alpha_max:g})",
+        "epoch-to-epoch change",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (noise, rho, method), runs in _groups(results).items():
         if method != "xsam":
             continue
         every = [a for r in runs for a in r["alpha"]]
         changes = [abs(b - a) for r in runs for a, b in itertools.pairwise(r["alpha"])]
-        cells = [f"{noise:g}", f"{rho:g}", f"{statistics.mean(every):.2f}",
-                 f"{statistics.mean(a for r in runs for a in r['alpha'][:5]):.2f}",
-                 f"{statistics.mean(a for r in runs for a in r['alpha'][-5:]):.2f}",
-                 f"{min(every):.1f} to {max(every):.1f}",
-                 f"{sum(a >= alpha_max - 1e-6 for a in every) / len(every):.0%}",
-                 f"{statistics.mean(changes):.2f}" if changes else "-"]
+        cells = [
+            f"{noise:g}",
+            f"{rho:g}",
+            f"{statistics.mean(every):.2f}",
+            f"{statistics.mean(a for r in runs for a in r['alpha'][:5]):.2f}",
+            f"{statistics.mean(a for r in runs for a in r['alpha'][-5:]):.2f}",
+            f"{min(every):.1f} to {max(every):.1f}",
+            f"{sum(a >= alpha_max - 1e-6 for a in every) / len(every):.0%}",
+            f"{statistics.mean(changes):.2f}" if changes else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -197,8 +301,13 @@ def plot_curves(results: list[dict], path: Path) -> None:
                 label = f"{method} (test)" if key == "curve" else f"{method} (train, noisy labels)"
                 ax.plot(epochs, mean, style, color=color, label=label)
                 if key == "curve":
-                    ax.fill_between(epochs, [m - s for m, s in zip(mean, spread)],
-                                    [m + s for m, s in zip(mean, spread)], color=color, alpha=0.2)
+                    ax.fill_between(
+                        epochs,
+                        [m - s for m, s in zip(mean, spread)],
+                        [m + s for m, s in zip(mean, spread)],
+                        color=color,
+                        alpha=0.2,
+                    )
         ax.set_title(f"label noise {noise:.0%}, rho {rho:g}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -229,16 +338,23 @@ def main(argv: list[str] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/study.py", *(argv if argv is not None else sys.argv[1:])])
     # seed by seed, every setting and method in turn: an interrupted study has fewer seeds, not fewer settings
-    settings = [{"method": method, "seed": seed, "label_noise": noise, "rho": rho}
-                for seed, noise, rho, method in itertools.product(options.seeds, options.label_noise, options.rho,
-                                                                  options.methods)
-                if not (method == "none" and rho != options.rho[0])]  # rho does not change the base optimizer
+    settings = [
+        {"method": method, "seed": seed, "label_noise": noise, "rho": rho}
+        for seed, noise, rho, method in itertools.product(
+            options.seeds, options.label_noise, options.rho, options.methods
+        )
+        if not (method == "none" and rho != options.rho[0])
+    ]  # rho does not change the base optimizer
     if options.report_only:
         settings = [s for s in settings if (output_dir / run_name(**s) / "study_run.json").exists()]
     results, summary = [], "no run finished"
     with ThreadPoolExecutor(options.jobs) as pool:
-        futures = {pool.submit(run_one, options.task, options.data_dir, setting, extra,
-                               output_dir / run_name(**setting)): setting for setting in settings}
+        futures = {
+            pool.submit(
+                run_one, options.task, options.data_dir, setting, extra, output_dir / run_name(**setting)
+            ): setting
+            for setting in settings
+        }
         for future in as_completed(futures):
             try:
                 result = future.result()

@@ -111,19 +111,39 @@ class XSAMConfig:
         interval = self.alpha_search_interval
         checks = [
             ("rho", self.rho, _number(self.rho) and self.rho > 0, "a number > 0"),
-            ("ascent_steps", self.ascent_steps, _integer(self.ascent_steps) and self.ascent_steps >= 1,
-             "an integer >= 1"),
-            ("rho_max", self.rho_max, self.rho_max is None or (_number(self.rho_max) and self.rho_max > 0),
-             "None (2 * rho) or a number > 0"),
+            (
+                "ascent_steps",
+                self.ascent_steps,
+                _integer(self.ascent_steps) and self.ascent_steps >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "rho_max",
+                self.rho_max,
+                self.rho_max is None or (_number(self.rho_max) and self.rho_max > 0),
+                "None (2 * rho) or a number > 0",
+            ),
             ("alpha", self.alpha, _number(self.alpha), "a finite number"),
             ("alpha_max", self.alpha_max, _number(self.alpha_max) and self.alpha_max >= 0, "a number >= 0"),
             ("alpha_step", self.alpha_step, _number(self.alpha_step) and self.alpha_step > 0, "a number > 0"),
-            ("alpha_search_interval", interval, interval is None or (_integer(interval) and interval >= 0),
-             "None (first step of every epoch), 0 (never) or an integer >= 1"),
-            ("sam_interval", self.sam_interval, _integer(self.sam_interval) and self.sam_interval >= 1,
-             "an integer >= 1"),
-            ("sam_eps", self.sam_eps, _number(self.sam_eps) and 0 < self.sam_eps <= MAX_SAM_EPS,
-             f"a small number in (0, {MAX_SAM_EPS:g}]: a larger one distorts the normalised directions"),
+            (
+                "alpha_search_interval",
+                interval,
+                interval is None or (_integer(interval) and interval >= 0),
+                "None (first step of every epoch), 0 (never) or an integer >= 1",
+            ),
+            (
+                "sam_interval",
+                self.sam_interval,
+                _integer(self.sam_interval) and self.sam_interval >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "sam_eps",
+                self.sam_eps,
+                _number(self.sam_eps) and 0 < self.sam_eps <= MAX_SAM_EPS,
+                f"a small number in (0, {MAX_SAM_EPS:g}]: a larger one distorts the normalised directions",
+            ),
         ]
         for name, value, valid, allowed in checks:
             if not valid:

@@ -48,4 +48,6 @@ def all_reduce_mean_(tensors: list[Tensor], bucket_bytes: int = BUCKET_BYTES) ->
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat)
         flat.div_(world_size)
-        torch._foreach_copy_(bucket, [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in bucket]), bucket)])
+        torch._foreach_copy_(
+            bucket, [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in bucket]), bucket)]
+        )

@@ -196,7 +196,9 @@ class XSAM:
         self.alpha = config.initial_alpha
         if config.searches_alpha:
             self.last_search_step = self.last_search_epoch = None
-            reason = f"it is not on the search grid 0..{config.alpha_max:g} step {config.alpha_step:g}; searching again"
+            reason = (
+                f"it is not on the search grid 0..{config.alpha_max:g} step {config.alpha_step:g}; searching again"
+            )
         elif config.sam_method == "sam":
             reason = "sam_method='sam' uses alpha 1"
         else:

@@ -129,7 +129,7 @@ def xsam_section(
         lines.append(
             f"- Final alpha: {_fmt(engine_state['alpha'])}"
             + (f"; mean alpha over training: {mean_alpha:.3g}" if mean_alpha is not None else "")
-            + f"; {len(searches)} alpha searches."
+            + f"; {engine_state.get('search_count', len(searches))} alpha searches."
         )
         if searches:
             shown = _evenly(searches, MAX_ROWS)

@@ -56,7 +56,10 @@ def load_model_weights(model: PreTrainedModel, folder: str) -> None:
         raise ValueError(f"Cannot resume from {folder}: its weights do not load into {name}: {error}") from error
     problems = {kind: sorted(info.get(kind) or ()) for kind in _PROBLEMS if info.get(kind)}
     if problems:
-        details = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}"
-                            + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") for kind, keys in problems.items())
+        details = "; ".join(
+            f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}"
+            + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            for kind, keys in problems.items()
+        )
         raise ValueError(f"Cannot resume from {folder}: the checkpoint does not match {name} ({details})")
     model.load_state_dict(loaded.state_dict(), strict=True)

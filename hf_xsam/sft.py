@@ -60,4 +60,3 @@ class XSAMSFTTrainer(XSAMTrainerMixin, SFTTrainer):
 
     default_args_class = XSAMSFTConfig
     xsam_protected_attributes = ("_metrics", "_total_train_tokens")
-

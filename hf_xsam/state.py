@@ -72,8 +72,10 @@ def read_state_file(folder: str, global_step: int | None = None) -> dict[str, An
             state = json.load(f)
         return validate_state(state, global_step)
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is damaged: {error}. Resume from another checkpoint, or delete the file to "
-                         "start the XSAM schedule afresh") from None
+        raise ValueError(
+            f"{path} is damaged: {error}. Resume from another checkpoint, or delete the file to "
+            "start the XSAM schedule afresh"
+        ) from None
 
 
 def write_state_file(folder: str, state: Mapping[str, Any]) -> None:

@@ -258,12 +258,18 @@ class XSAMTrainerMixin:
             logs["xsam/sharpness"] = sharpness / self._xsam_steps
             logs["xsam/nonfinite"] = nonfinite
             if nonfinite:
-                self._warn_once("nonfinite", "XSAM: a pass gave a non-finite gradient; its optimizer step was skipped "
-                                "(weights and optimizer state untouched). `xsam/nonfinite` counts such micro-batches.")
+                self._warn_once(
+                    "nonfinite",
+                    "XSAM: a pass gave a non-finite gradient; its optimizer step was skipped "
+                    "(weights and optimizer state untouched). `xsam/nonfinite` counts such micro-batches.",
+                )
             if stalled:
-                self._warn_once("stalled", f"XSAM: the ascent of rho={self.args.rho:g} did not move the weights "
-                                "(below their float resolution); the step fell back to SAM's direction. Use a larger "
-                                "rho.")
+                self._warn_once(
+                    "stalled",
+                    f"XSAM: the ascent of rho={self.args.rho:g} did not move the weights "
+                    "(below their float resolution); the step fell back to SAM's direction. Use a larger "
+                    "rho.",
+                )
             self._xsam_totals.zero_()
             self._xsam_steps = 0
             self._xsam_alpha_sum = 0.0

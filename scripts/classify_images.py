@@ -44,8 +44,6 @@ from transformers import (
     set_seed,
 )
 
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-
 from _common import (
     UsageError,
     build_trainer,
@@ -58,6 +56,7 @@ from _common import (
     save_model,
     setup_logging,
 )
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from label_noise import add_label_noise
 
 logger = logging.getLogger(__name__)
@@ -94,7 +93,9 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Checkpoint to fine-tune (Hub id or local folder). Leave empty to train a ViT from scratch."},
+        metadata={
+            "help": "Checkpoint to fine-tune (Hub id or local folder). Leave empty to train a ViT from scratch."
+        },
     )
     image_processor_name: str | None = field(
         default=None, metadata={"help": "Image processor (Hub id or folder) if not the one of --model_name_or_path."}
@@ -207,12 +208,14 @@ def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> Dat
     for flag in ("image_column_name", "label_column_name"):
         column = getattr(data_args, flag)
         if column not in columns:
-            raise UsageError(f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}")
+            raise UsageError(
+                f"--{flag} {column!r} is not a column of the dataset; found columns: {', '.join(columns)}"
+            )
     image_column = data_args.image_column_name
     feature = some_split.features[image_column]
     if not isinstance(feature, Image):
         first = some_split[0][image_column]
-        if not (getattr(feature, "dtype", None) == "string" or isinstance(first, dict) and "bytes" in first):
+        if not (getattr(feature, "dtype", None) == "string" or (isinstance(first, dict) and "bytes" in first)):
             raise UsageError(
                 f"--image_column_name {image_column!r} holds {feature}, not images (first value: {first!r:.80}); "
                 f"found columns: {', '.join(columns)}"

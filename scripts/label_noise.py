@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from datasets import ClassLabel, Dataset
+from datasets import Dataset
 
 __all__ = ["add_label_noise"]
 

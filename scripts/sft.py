@@ -45,17 +45,17 @@ from transformers import (
 from trl import ModelConfig, get_peft_config
 from trl.data_utils import is_conversational
 
-from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
-
 from _common import (
     build_trainer,
     detect_last_checkpoint,
     finish,
     parse_arguments,
     record_metrics,
+    run,
     save_model,
     setup_logging,
 )
+from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=model_max_length, pad_token="<pad>", eos_token="</s>",
+        tokenizer_object=tokenizer,
+        model_max_length=model_max_length,
+        pad_token="<pad>",
+        eos_token="</s>",
         unk_token="<unk>",
     )
 
@@ -330,7 +333,11 @@ def main() -> None:
         instructions = {"prompt", "completion"} <= set(validation.column_names)
         if instructions and not is_conversational(validation[0]):
             metrics["eval_exact_match"] = exact_match(
-                trainer.model, tokenizer, validation, training_args.per_device_eval_batch_size, data_args.max_new_tokens
+                trainer.model,
+                tokenizer,
+                validation,
+                training_args.per_device_eval_batch_size,
+                data_args.max_new_tokens,
             )
         record_metrics(trainer, "eval", metrics, len(validation))
 
@@ -340,4 +347,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

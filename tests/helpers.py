@@ -17,8 +17,17 @@ from hf_xsam import XSAMTrainer
 class TinyClassifier(nn.Module):
     """A two-layer classifier with the Trainer's conventions (``labels`` in, ``loss`` out)."""
 
-    def __init__(self, n_in: int = 4, hidden: int = 6, n_out: int = 3, dropout: float = 0.0,
-                 batchnorm: bool = False, bn_momentum: float | None = 0.1, dtype=torch.float64, seed: int = 0):
+    def __init__(
+        self,
+        n_in: int = 4,
+        hidden: int = 6,
+        n_out: int = 3,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+        bn_momentum: float | None = 0.1,
+        dtype=torch.float64,
+        seed: int = 0,
+    ):
         super().__init__()
         self.config = PretrainedConfig()  # the Trainer reads it for label smoothing
         torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """benchmarks/benchmark.py: the summary of a run timing only base, sam, xsam and xsam-search (the GPU check's)."""
 
 import pytest
+
 from benchmark import markdown, summarise_times
 
 

@@ -25,8 +25,10 @@ class Regression(nn.Module):
 
 def probe() -> LossProbe:
     generator = torch.Generator().manual_seed(1)
-    batch = {"x": torch.randn(8, 3, generator=generator, dtype=torch.float64),
-             "labels": torch.randn(8, generator=generator, dtype=torch.float64)}
+    batch = {
+        "x": torch.randn(8, 3, generator=generator, dtype=torch.float64),
+        "labels": torch.randn(8, generator=generator, dtype=torch.float64),
+    }
     return LossProbe(Regression(), batch)
 
 

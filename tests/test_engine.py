@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
-from reference import gradient, sgd_step, xsam_direction
 
+from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
 from hf_xsam import XSAM
 from hf_xsam.geometry import global_dot, global_norm, slerp_coefficients
+from reference import gradient, sgd_step, xsam_direction
 
 
 def closures(model, batch):

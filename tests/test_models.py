@@ -6,8 +6,18 @@ from transformers import MarianConfig, MarianMTModel, ViTConfig, ViTForImageClas
 
 from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer, XSAMTrainingArguments
 
-COMMON = dict(report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=5, save_strategy="no",
-              optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="constant", rho=0.05, seed=0)
+COMMON = dict(
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    logging_steps=5,
+    save_strategy="no",
+    optim="adamw_torch",
+    learning_rate=1e-2,
+    lr_scheduler_type="constant",
+    rho=0.05,
+    seed=0,
+)
 
 
 def losses(trainer):
@@ -20,8 +30,16 @@ def test_tiny_vit_learns(tmp_path):
     images = torch.randn(64, 1, 8, 8, generator=generator) * 0.3
     images[labels == 1, :, :4] += 1.0  # class 1 is bright in the top half
     data = Dataset.from_dict({"pixel_values": images.tolist(), "labels": labels.tolist()}).with_format("torch")
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64, num_labels=2)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+    )
     args = XSAMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=30, **COMMON)
     trainer = XSAMTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data)
     trainer.train()
@@ -35,11 +53,24 @@ def test_tiny_marian_learns_to_copy(tmp_path):
     eos = torch.full((64, 1), 2)
     sequences = torch.cat([tokens, eos], dim=1).tolist()
     data = Dataset.from_dict({"input_ids": sequences, "labels": sequences}).with_format("torch")
-    config = MarianConfig(vocab_size=20, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                          decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16,
-                          pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, forced_eos_token_id=2)
-    args = XSAMSeq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40,
-                                        ascent_steps=2, **COMMON)
+    config = MarianConfig(
+        vocab_size=20,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        forced_eos_token_id=2,
+    )
+    args = XSAMSeq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, ascent_steps=2, **COMMON
+    )
     trainer = XSAMSeq2SeqTrainer(model=MarianMTModel(config), args=args, train_dataset=data)
     trainer.train()
     history = losses(trainer)

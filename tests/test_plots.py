@@ -8,9 +8,8 @@ import torch
 from transformers import TrainerControl, TrainerState, ViTConfig, ViTForImageClassification
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from landscape import plot_landscape
-
 from hf_xsam.plots import ALPHA_PNG, ALPHA_SEARCH_PNG, XSAMPlotCallback, save_xsam_plots
+from landscape import plot_landscape
 
 pytest.importorskip("matplotlib")
 
@@ -57,12 +56,27 @@ def test_plot_landscape(tmp_path):
 
 
 def tiny_trainer(tmp_path, **settings) -> XSAMTrainer:
-    config = ViTConfig(image_size=4, patch_size=2, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=8, num_labels=2)
+    config = ViTConfig(
+        image_size=4,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     data = [{"pixel_values": torch.randn(1, 4, 4), "labels": torch.tensor(i % 2)} for i in range(8)]
-    args = XSAMTrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
-                                 logging_steps=1, save_strategy="no", report_to="none", **settings)
+    args = XSAMTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        **settings,
+    )
     return XSAMTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data)
 
 

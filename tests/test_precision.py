@@ -4,19 +4,32 @@ import math
 
 import pytest
 import torch
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
-from reference import xsam_direction
 from transformers import TrainerCallback
 
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
+from reference import xsam_direction
 
 N, BATCH, LR = 12, 4, 0.5
 
 
 def args_for(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, learning_rate=LR, optim="sgd",
-                    lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, save_strategy="no",
-                    report_to="none", disable_tqdm=True, use_cpu=True, rho=0.2, alpha=1.3, alpha_search_interval=0)
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        rho=0.2,
+        alpha=1.3,
+        alpha_search_interval=0,
+    )
     settings.update(overrides)
     return XSAMTrainingArguments(**settings)
 
@@ -61,8 +74,9 @@ def test_loss_scaling_keeps_the_step_exact(tmp_path):
 def test_nonfinite_ascent_gradient_skips_the_step_and_training_continues(tmp_path):
     model, data = TinyClassifier(), make_data(n=N)
     weights = WeightsAfterEachStep()
-    trainer = InfInAscentPass(model=model, args=args_for(tmp_path, max_steps=3), train_dataset=as_dataset(data),
-                              callbacks=[weights])
+    trainer = InfInAscentPass(
+        model=model, args=args_for(tmp_path, max_steps=3), train_dataset=as_dataset(data), callbacks=[weights]
+    )
     scaler = with_cpu_grad_scaler(trainer)
     trainer.train()
     assert torch.equal(weights.weights[1], weights.weights[0]), "the bad step must leave the weights untouched"
@@ -93,8 +107,11 @@ def test_bf16_weights_are_restored_bit_for_bit():
 
 def test_bf16_model_trains(tmp_path):
     model = TinyClassifier(dtype=torch.bfloat16)
-    trainer = XSAMTrainer(model=model, args=args_for(tmp_path, max_steps=4, alpha_search_interval=None),
-                          train_dataset=as_dataset(make_data(n=N)))
+    trainer = XSAMTrainer(
+        model=model,
+        args=args_for(tmp_path, max_steps=4, alpha_search_interval=None),
+        train_dataset=as_dataset(make_data(n=N)),
+    )
     trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
@@ -113,8 +130,9 @@ def test_lora_adapters_only_move(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
     torch.manual_seed(0)
     base = BertForSequenceClassification(config)
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))

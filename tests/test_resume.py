@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
-from helpers import TinyClassifier, as_dataset, make_data
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -20,22 +19,49 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from helpers import TinyClassifier, as_dataset, make_data
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME, read_state_file, write_state_file
 
 SEQ2SEQ = dict(vocab_size=20, pad_token_id=0, decoder_start_token_id=0)
 MODELS = {
-    "vit": lambda labels=2: ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-        num_labels=labels)),
-    "bert": lambda labels=2: BertForSequenceClassification(BertConfig(
-        vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-        num_labels=labels)),
-    "marian": lambda labels=2: MarianMTModel(MarianConfig(
-        d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=16, **SEQ2SEQ)),
-    "t5": lambda labels=2: T5ForConditionalGeneration(T5Config(
-        d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2, **SEQ2SEQ)),
+    "vit": lambda labels=2: ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=8,
+            num_labels=labels,
+        )
+    ),
+    "bert": lambda labels=2: BertForSequenceClassification(
+        BertConfig(
+            vocab_size=20,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=8,
+            num_labels=labels,
+        )
+    ),
+    "marian": lambda labels=2: MarianMTModel(
+        MarianConfig(
+            d_model=8,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=8,
+            decoder_ffn_dim=8,
+            max_position_embeddings=16,
+            **SEQ2SEQ,
+        )
+    ),
+    "t5": lambda labels=2: T5ForConditionalGeneration(
+        T5Config(d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2, **SEQ2SEQ)
+    ),
 }
 
 
@@ -47,8 +73,9 @@ def build(kind, seed, **kwargs):
 def dataset(kind):
     generator = torch.Generator().manual_seed(0)
     if kind == "vit":
-        return Dataset.from_dict({"pixel_values": torch.randn(8, 3, 8, 8, generator=generator).tolist(),
-                                  "labels": [0, 1] * 4})
+        return Dataset.from_dict(
+            {"pixel_values": torch.randn(8, 3, 8, 8, generator=generator).tolist(), "labels": [0, 1] * 4}
+        )
     tokens = torch.randint(1, 20, (8, 5), generator=generator).tolist()
     if kind == "bert":
         return Dataset.from_dict({"input_ids": tokens, "labels": [0, 1] * 4})
@@ -56,9 +83,19 @@ def dataset(kind):
 
 
 def args_for(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=0.05, max_steps=2,
-                    save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True,
-                    rho=0.1, logging_steps=1)
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        rho=0.1,
+        logging_steps=1,
+    )
     settings.update(overrides)
     return XSAMTrainingArguments(**settings)
 
@@ -80,8 +117,9 @@ def trained(request, tmp_path_factory):
 def test_resume_restores_every_weight(trained, tmp_path):
     kind, model, checkpoint = trained
     start = WeightsAtStart()
-    trainer = XSAMTrainer(model=build(kind, seed=1), args=args_for(tmp_path), train_dataset=dataset(kind),
-                          callbacks=[start])
+    trainer = XSAMTrainer(
+        model=build(kind, seed=1), args=args_for(tmp_path), train_dataset=dataset(kind), callbacks=[start]
+    )
     trainer.train(resume_from_checkpoint=str(checkpoint))
     expected = model.state_dict()
     assert start.weights.keys() == expected.keys()
@@ -90,8 +128,9 @@ def test_resume_restores_every_weight(trained, tmp_path):
 
 def test_a_checkpoint_of_another_model_stops_the_resume(tmp_path):
     XSAMTrainer(model=build("vit", seed=0), args=args_for(tmp_path / "a"), train_dataset=dataset("vit")).train()
-    other = XSAMTrainer(model=build("vit", seed=0, labels=3), args=args_for(tmp_path / "b"),
-                        train_dataset=dataset("vit"))
+    other = XSAMTrainer(
+        model=build("vit", seed=0, labels=3), args=args_for(tmp_path / "b"), train_dataset=dataset("vit")
+    )
     with pytest.raises(ValueError, match="Cannot resume from .*checkpoint-2.*ViTForImageClassification"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
 
@@ -127,7 +166,7 @@ def resume(checkpoint, tmp_path, state=None, raw=None, **settings):
         ('{"alpha": "big"}', "xsam_state.json is damaged: alpha is 'big'"),
         ('{"alpha": 1.0, "last_search_step": 99}', "last_search_step is 99, after the checkpoint's own step 3"),
         ('{"alpha": 1.0, "last_search_epoch": -1}', "last_search_epoch is -1"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
     ],
 )
 def test_a_damaged_state_file_stops_the_resume_naming_file_and_field(checkpoint, tmp_path, raw, match):
@@ -162,13 +201,16 @@ def test_settings_win_over_the_saved_alpha(settings, saved_alpha, used_alpha, se
     if used_alpha == saved_alpha:
         assert notes == []
     else:
-        assert len(notes) == 1 and f"saved alpha {saved_alpha:g}" in notes[0] and f"alpha is {used_alpha:g}" in notes[0]
+        assert (
+            len(notes) == 1 and f"saved alpha {saved_alpha:g}" in notes[0] and f"alpha is {used_alpha:g}" in notes[0]
+        )
 
 
 def test_changed_settings_on_resume_are_logged_once(checkpoint, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
-        trainer = resume(checkpoint, tmp_path, state={"alpha": 0.7, "last_search_step": 2, "last_search_epoch": 1},
-                         sam_method="sam")
+        trainer = resume(
+            checkpoint, tmp_path, state={"alpha": 0.7, "last_search_step": 2, "last_search_epoch": 1}, sam_method="sam"
+        )
     assert trainer.xsam.alpha == 1.0
     notes = [r.message for r in caplog.records if "saved alpha" in r.message]
     assert len(notes) == 1 and "0.7" in notes[0] and "sam_method='sam'" in notes[0]

@@ -5,18 +5,30 @@ import logging
 
 import pytest
 import torch
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
 from transformers import Trainer, TrainerCallback
 
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
 
 N, BATCH = 12, 4
 
 
 def args_for(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, learning_rate=0.1, optim="sgd",
-                    lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, save_strategy="no",
-                    report_to="none", disable_tqdm=True, use_cpu=True, rho=0.2, alpha_search_interval=0)
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        rho=0.2,
+        alpha_search_interval=0,
+    )
     settings.update(overrides)
     return XSAMTrainingArguments(**settings)
 
@@ -59,15 +71,24 @@ class InfInPass(SequentialXSAMTrainer):
 
 @pytest.mark.parametrize(
     "optim, dtype, autocast",
-    [("adamw_torch_fused", torch.float32, False), ("adamw_torch", torch.float32, False),
-     ("sgd", torch.float32, False), ("adamw_torch_fused", torch.bfloat16, False), ("sgd", torch.float32, True)],
+    [
+        ("adamw_torch_fused", torch.float32, False),
+        ("adamw_torch", torch.float32, False),
+        ("sgd", torch.float32, False),
+        ("adamw_torch_fused", torch.bfloat16, False),
+        ("sgd", torch.float32, True),
+    ],
 )
 @pytest.mark.parametrize("bad_pass", [1, 2])
 def test_nonfinite_pass_without_scaler_skips_the_step(tmp_path, caplog, optim, dtype, autocast, bad_pass):
     model, data = TinyClassifier(dtype=dtype), make_data(n=N)
     snapshots = Snapshots()
-    trainer = InfInPass(model=model, args=args_for(tmp_path, max_steps=3, optim=optim, bf16=autocast),
-                        train_dataset=as_dataset(data), callbacks=[snapshots])
+    trainer = InfInPass(
+        model=model,
+        args=args_for(tmp_path, max_steps=3, optim=optim, bf16=autocast),
+        train_dataset=as_dataset(data),
+        callbacks=[snapshots],
+    )
     trainer.bad_pass = bad_pass
     with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
         trainer.train()
@@ -100,8 +121,12 @@ def test_fused_skip_makes_no_host_sync(tmp_path, monkeypatch):
 
     check = NoSyncInOptimizerStep()
     args = args_for(tmp_path, max_steps=3, optim="adamw_torch_fused")
-    trainer = InfInPass(model=TinyClassifier(dtype=torch.float32), args=args,
-                        train_dataset=as_dataset(make_data(n=N)), callbacks=[check])
+    trainer = InfInPass(
+        model=TinyClassifier(dtype=torch.float32),
+        args=args,
+        train_dataset=as_dataset(make_data(n=N)),
+        callbacks=[check],
+    )
     trainer.train()
     assert check.steps == 3
     assert [e["xsam/nonfinite"] for e in trainer.state.log_history if "xsam/nonfinite" in e] == [0, 1, 0]
@@ -109,8 +134,11 @@ def test_fused_skip_makes_no_host_sync(tmp_path, monkeypatch):
 
 def test_model_init_runs_train_twice(tmp_path):
     data = as_dataset(make_data(n=N))
-    trainer = XSAMTrainer(model_init=lambda: TinyClassifier(dtype=torch.float32),
-                          args=args_for(tmp_path, max_steps=2), train_dataset=data)
+    trainer = XSAMTrainer(
+        model_init=lambda: TinyClassifier(dtype=torch.float32),
+        args=args_for(tmp_path, max_steps=2),
+        train_dataset=data,
+    )
     trainer.train()
     first = trainer.model
     trainer.train()
@@ -152,9 +180,11 @@ class LateBranch(TinyClassifier):
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_parameters_first_reached_after_the_first_pass_get_no_update(tmp_path, accumulation):
     model = LateBranch()
-    trainer = XSAMTrainer(model=model, args=args_for(tmp_path, max_steps=2, gradient_accumulation_steps=accumulation,
-                                                     per_device_train_batch_size=2),
-                          train_dataset=as_dataset(make_data(n=N)))
+    trainer = XSAMTrainer(
+        model=model,
+        args=args_for(tmp_path, max_steps=2, gradient_accumulation_steps=accumulation, per_device_train_batch_size=2),
+        train_dataset=as_dataset(make_data(n=N)),
+    )
     before = flat(model)
     trainer.train()
     assert torch.equal(model.late.detach(), torch.zeros(3))
@@ -203,8 +233,11 @@ def test_parameters_on_several_devices_are_refused():
 def test_mixed_dtypes_step_and_restore_exactly():
     model = TinyClassifier(dtype=torch.float32)
     model.fc2.to(torch.bfloat16)
-    model.forward = lambda x, labels=None: {"loss": torch.nn.functional.cross_entropy(
-        model.fc2(torch.tanh(model.fc1(x.float())).bfloat16()).float(), labels)}
+    model.forward = lambda x, labels=None: {
+        "loss": torch.nn.functional.cross_entropy(
+            model.fc2(torch.tanh(model.fc1(x.float())).bfloat16()).float(), labels
+        )
+    }
     batch = {k: v.float() if v.is_floating_point() else v for k, v in make_data().items()}
     before = [p.detach().clone() for p in model.parameters()]
     engine = XSAM(model.parameters(), rho=0.1)

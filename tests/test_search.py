@@ -7,14 +7,14 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import TinyClassifier, flat, flat_loss, make_data
-from reference import xsam_direction
 from transformers import HfArgumentParser
 
+from helpers import TinyClassifier, flat, flat_loss, make_data
 from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
 from hf_xsam.model_card import xsam_section
 from hf_xsam.plots import save_xsam_plots
 from hf_xsam.search import best_index, grid_search, ternary_search
+from reference import xsam_direction
 
 GRID = [round(0.1 * i, 10) for i in range(21)]
 
@@ -73,7 +73,7 @@ def test_ternary_equals_grid_on_random_unimodal_curves_with_flat_tops():
 
 @pytest.mark.parametrize("peak", range(21))
 def test_ternary_finds_every_peak_position_of_21_points_in_at_most_7_evaluations(peak):
-    curve = [-abs(i - peak) ** 1.5 for i in range(21)]
+    curve = [-(abs(i - peak) ** 1.5) for i in range(21)]
     evaluate, counts = counting(curve)
     index, seen = ternary_search(GRID, evaluate)
     assert index == peak and len(seen) <= 7 and sum(counts.values()) == len(seen)
@@ -208,7 +208,9 @@ def test_engine_ternary_on_two_peaks_returns_an_evaluated_maximum_and_records_wh
 
 def test_engine_ternary_decides_on_the_losses_averaged_over_workers():
     local = float32([-((0.1 * i - 0.3) ** 2) for i in range(21)])  # this worker alone would choose 0.3
-    other = float32([-3 * (0.1 * i - 1.6) ** 2 for i in range(21)])  # the other worker's losses, known to the fake reduce
+    other = float32(
+        [-3 * (0.1 * i - 1.6) ** 2 for i in range(21)]
+    )  # the other worker's losses, known to the fake reduce
     w, forward_backward, loss_only, calls = arc_problem(local)
     seen_other = []
 
@@ -235,13 +237,20 @@ def test_engine_keeps_alpha_when_every_search_loss_is_nonfinite():
         assert engine.alpha == 0.7 and w.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("settings", [dict(rho=0.3), dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25)])
+@pytest.mark.parametrize(
+    "settings", [dict(rho=0.3), dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25)]
+)
 def test_engine_ternary_matches_the_float64_reference_where_its_curve_is_unimodal(settings):
     model = TinyClassifier()
     batch = make_data()
     expected, expected_alpha, losses = xsam_direction(
-        flat_loss(model, batch), flat(model), rho=settings["rho"], k=settings.get("ascent_steps", 1), search=True,
-        rho_max=settings.get("rho_max"), alpha_max=settings.get("alpha_max", 2.0),
+        flat_loss(model, batch),
+        flat(model),
+        rho=settings["rho"],
+        k=settings.get("ascent_steps", 1),
+        search=True,
+        rho_max=settings.get("rho_max"),
+        alpha_max=settings.get("alpha_max", 2.0),
         alpha_step=settings.get("alpha_step", 0.1),
     )
     peak = losses.index(max(losses))
@@ -295,7 +304,9 @@ def test_partial_search_records_are_plotted_and_carded(tmp_path):
     ]
     written = save_xsam_plots(str(tmp_path), history, GRID, [])
     assert str(tmp_path / "xsam_alpha_search.png") in written
-    text = xsam_section(XSAMConfig(alpha_search="ternary").xsam_settings, [], {"alpha": 1.2, "search_history": history})
+    text = xsam_section(
+        XSAMConfig(alpha_search="ternary").xsam_settings, [], {"alpha": 1.2, "search_history": history}
+    )
     assert "| alpha_search | ternary |" in text and "0: 1.2" in text
 
 

@@ -47,16 +47,37 @@ def train_tokenizer(data):
 
 def tiny_llama(tokenizer, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
 def sft_args(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=3, learning_rate=1e-2,
-                    lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-                    disable_tqdm=True, use_cpu=True, bf16=False, seed=3, rho=0.5, alpha_search_interval=1)
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        seed=3,
+        rho=0.5,
+        alpha_search_interval=1,
+    )
     settings.update(overrides)
     return XSAMSFTConfig(**settings)
 
@@ -71,8 +92,13 @@ class SequentialSFTTrainer(XSAMSFTTrainer):
 def make_trainer(tmp_path, trainer_class=XSAMSFTTrainer, peft_config=None, seed=0, **overrides):
     data = instructions()
     tokenizer = train_tokenizer(data)
-    return trainer_class(model=tiny_llama(tokenizer, seed), args=sft_args(tmp_path, **overrides), train_dataset=data,
-                         processing_class=tokenizer, peft_config=peft_config)
+    return trainer_class(
+        model=tiny_llama(tokenizer, seed),
+        args=sft_args(tmp_path, **overrides),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
 def train_logs(trainer):
@@ -109,8 +135,9 @@ def test_sft_metrics_count_only_the_first_pass(tmp_path, ascent_steps, accumulat
     settings = dict(gradient_accumulation_steps=accumulation, max_steps=6 // (2 * accumulation) + 1)
     plain = make_trainer(tmp_path / "none", SequentialSFTTrainer, sam_method="none", **settings)
     plain.train()
-    trainer = make_trainer(tmp_path / "xsam", SequentialSFTTrainer, ascent_steps=ascent_steps,
-                           completion_only_loss=True, **settings)
+    trainer = make_trainer(
+        tmp_path / "xsam", SequentialSFTTrainer, ascent_steps=ascent_steps, completion_only_loss=True, **settings
+    )
     expected = MetricsAtStepStart(trainer)
     trainer.add_callback(expected)
     trainer.train()
@@ -165,8 +192,16 @@ def test_bf16_mixed_precision_steps_like_fp32(tmp_path):
     """
     moves = []
     for bf16 in (True, False):
-        trainer = make_trainer(tmp_path / str(bf16), peft_config=lora(), bf16=bf16, rho=0.05, alpha=1.5,
-                               alpha_search_interval=0, optim="sgd", learning_rate=0.5)
+        trainer = make_trainer(
+            tmp_path / str(bf16),
+            peft_config=lora(),
+            bf16=bf16,
+            rho=0.05,
+            alpha=1.5,
+            alpha_search_interval=0,
+            optim="sgd",
+            learning_rate=0.5,
+        )
         start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
         trainer.train()
         assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
@@ -209,8 +244,22 @@ def test_plain_sft_config_is_refused_with_the_class_to_use(tmp_path):
 @pytest.mark.parametrize("parser_class", [HfArgumentParser, TrlParser])
 def test_config_flags_parse(tmp_path, parser_class):
     (args,) = parser_class(XSAMSFTConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--sam_method", "sam", "--rho", "0.02", "--ascent_steps", "2",
-         "--packing", "true", "--bf16", "false", "--use_cpu", "true"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--sam_method",
+            "sam",
+            "--rho",
+            "0.02",
+            "--ascent_steps",
+            "2",
+            "--packing",
+            "true",
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+        ]
     )
     assert isinstance(args, TrainingArguments)
     settings = (args.sam_method, args.rho, args.ascent_steps, args.packing, args.search_radius)
@@ -228,7 +277,9 @@ def test_packing_runs_and_counts_tokens_once(tmp_path):
     counts = []
     for method in ("none", "xsam"):
         args = sft_args(tmp_path / method, sam_method=method, packing=True, max_length=32, max_steps=2)
-        trainer = XSAMSFTTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=text, processing_class=tokenizer)
+        trainer = XSAMSFTTrainer(
+            model=tiny_llama(tokenizer), args=args, train_dataset=text, processing_class=tokenizer
+        )
         trainer.train()
         counts.append([log["num_tokens"] for log in train_logs(trainer)])
     assert counts[0] == counts[1] and counts[0][0] > 0
@@ -249,8 +300,18 @@ def test_hf_xsam_imports_without_trl():
 # --------------------------------------------------------------------------------------------------
 # scripts/sft.py
 
-TINY_LLAMA = ["--hidden_size", "16", "--intermediate_size", "32", "--num_layers", "1", "--num_heads", "2",
-              "--vocab_size", "120"]
+TINY_LLAMA = [
+    "--hidden_size",
+    "16",
+    "--intermediate_size",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--vocab_size",
+    "120",
+]
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"]
 
 
@@ -263,8 +324,21 @@ def run_script(monkeypatch, *args):
 
 def test_script_embedded_run_trains_evaluates_and_writes_the_card(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_script(monkeypatch, "--output_dir", out, "--num_embedded_train", 48, "--num_embedded_eval", 8, "--max_steps", 3,
-               "--alpha_search_interval", 2, *TINY_LLAMA, *QUIET)
+    run_script(
+        monkeypatch,
+        "--output_dir",
+        out,
+        "--num_embedded_train",
+        48,
+        "--num_embedded_eval",
+        8,
+        "--max_steps",
+        3,
+        "--alpha_search_interval",
+        2,
+        *TINY_LLAMA,
+        *QUIET,
+    )
     metrics = json.loads((out / "eval_results.json").read_text())
     assert {"eval_exact_match", "eval_mean_token_accuracy", "eval_loss"} <= metrics.keys()
     assert 0.0 <= metrics["eval_exact_match"] <= 1.0 and metrics["eval_samples"] == 8
@@ -273,8 +347,10 @@ def test_script_embedded_run_trains_evaluates_and_writes_the_card(tmp_path, monk
     card = ModelCard.load(out / "README.md")
     assert {"xsam", "sharpness-aware-minimization", "sft", "trl"} <= set(card.data.tags)
     assert "| alpha_search_interval | 2 |" in card.text
-    assert AutoTokenizer.from_pretrained(out).decode(AutoTokenizer.from_pretrained(out)("write 3,482")["input_ids"]) \
+    assert (
+        AutoTokenizer.from_pretrained(out).decode(AutoTokenizer.from_pretrained(out)("write 3,482")["input_ids"])
         == "write 3,482"
+    )
 
 
 def test_script_fine_tunes_a_checkpoint_with_lora_on_json_lines(tmp_path, monkeypatch):
@@ -284,27 +360,68 @@ def test_script_fine_tunes_a_checkpoint_with_lora_on_json_lines(tmp_path, monkey
     tokenizer.save_pretrained(tmp_path / "ckpt")
     for split, rows in (("train", data), ("valid", data.select(range(4)))):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    run_script(monkeypatch, "--model_name_or_path", tmp_path / "ckpt", "--train_file", tmp_path / "train.jsonl",
-               "--validation_file", tmp_path / "valid.jsonl", "--do_train", "--do_eval", "--use_peft", "--lora_r", 4,
-               "--lora_target_modules", "q_proj", "v_proj", "--max_steps", 2, "--sam_method", "sam", "--bf16", "false",
-               "--use_cpu", "true", "--output_dir", tmp_path / "out", *QUIET)
+    run_script(
+        monkeypatch,
+        "--model_name_or_path",
+        tmp_path / "ckpt",
+        "--train_file",
+        tmp_path / "train.jsonl",
+        "--validation_file",
+        tmp_path / "valid.jsonl",
+        "--do_train",
+        "--do_eval",
+        "--use_peft",
+        "--lora_r",
+        4,
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--max_steps",
+        2,
+        "--sam_method",
+        "sam",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--output_dir",
+        tmp_path / "out",
+        *QUIET,
+    )
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert "eval_exact_match" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert "| sam_method | sam |" in ModelCard.load(tmp_path / "out" / "README.md").text
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def test_script_trains_on_chat_json_lines_and_refuses_them_without_a_chat_template(tmp_path, monkeypatch):
     data = instructions()
-    chats = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
-             for p, c in zip(list(data["prompt"]), list(data["completion"]))]
+    chats = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
+        for p, c in zip(list(data["prompt"]), list(data["completion"]))
+    ]
     for name, rows in (("train", chats), ("valid", chats[:4])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    files = ["--train_file", tmp_path / "train.jsonl", "--validation_file", tmp_path / "valid.jsonl", "--do_train",
-             "--do_eval", "--max_steps", 2, "--bf16", "false", "--use_cpu", "true", *QUIET]
+    files = [
+        "--train_file",
+        tmp_path / "train.jsonl",
+        "--validation_file",
+        tmp_path / "valid.jsonl",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        2,
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        *QUIET,
+    ]
     with pytest.raises(ValueError, match="Chat data needs a tokenizer with a chat template"):
         run_script(monkeypatch, *files, "--output_dir", tmp_path / "scratch", *TINY_LLAMA)
     tokenizer = train_tokenizer(data)

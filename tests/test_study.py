@@ -5,14 +5,27 @@ import statistics
 import sys
 from pathlib import Path
 
-import classify_images
 import pytest
-import study
 from datasets import ClassLabel, Dataset, Features, Value
+
+import classify_images
+import study
 from label_noise import add_label_noise
 
-TINY_VIT = ["--image_size", "8", "--patch_size", "4", "--hidden_size", "16", "--num_hidden_layers", "1",
-            "--num_attention_heads", "2", "--intermediate_size", "32"]
+TINY_VIT = [
+    "--image_size",
+    "8",
+    "--patch_size",
+    "4",
+    "--hidden_size",
+    "16",
+    "--num_hidden_layers",
+    "1",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "32",
+]
 
 
 def labelled(n: int, num_classes: int = 10) -> Dataset:
@@ -56,9 +69,28 @@ def test_classify_images_adds_noise_to_the_training_split_only(tmp_path, monkeyp
 
     monkeypatch.setattr(classify_images, "build_trainer", keep_datasets)
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["classify_images.py", "--output_dir", str(out), *TINY_VIT, "--max_steps", "1",
-                                      "--eval_strategy", "no", "--report_to", "none", "--seed", "3",
-                                      "--label_noise", "0.4", "--label_noise_seed", "5"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "classify_images.py",
+            "--output_dir",
+            str(out),
+            *TINY_VIT,
+            "--max_steps",
+            "1",
+            "--eval_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--seed",
+            "3",
+            "--label_noise",
+            "0.4",
+            "--label_noise_seed",
+            "5",
+        ],
+    )
     classify_images.main()
 
     clean = classify_images.digits_dataset(seed=3)
@@ -83,8 +115,11 @@ def fake_training(calls):
             logs = {"loss": 1.0 / epoch, "epoch": float(epoch)}
             if method == "xsam":
                 logs["xsam/alpha"] = [1.5, 2.0][epoch - 1]
-            history += [logs, {"eval_validation_accuracy": value + seed / 100, "epoch": float(epoch)},
-                        {"eval_train_accuracy": 0.9, "epoch": float(epoch)}]
+            history += [
+                logs,
+                {"eval_validation_accuracy": value + seed / 100, "epoch": float(epoch)},
+                {"eval_train_accuracy": 0.9, "epoch": float(epoch)},
+            ]
         (out / "trainer_state.json").write_text(json.dumps({"log_history": history}))
         (out / "eval_results.json").write_text(json.dumps({"eval_accuracy": accuracy[-1] + seed / 100}))
 
@@ -94,8 +129,26 @@ def fake_training(calls):
 def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(study.subprocess, "run", fake_training(calls))
-    argv = ["--task", "digits", "--methods", "none", "xsam", "--seeds", "0", "1", "--label_noise", "0", "0.5",
-            "--output_dir", str(tmp_path), "--name", "tiny", "--", "--num_train_epochs", "2"]
+    argv = [
+        "--task",
+        "digits",
+        "--methods",
+        "none",
+        "xsam",
+        "--seeds",
+        "0",
+        "1",
+        "--label_noise",
+        "0",
+        "0.5",
+        "--output_dir",
+        str(tmp_path),
+        "--name",
+        "tiny",
+        "--",
+        "--num_train_epochs",
+        "2",
+    ]
     study.main(argv)
     assert len(calls) == 8
     assert sum(command[command.index("--label_noise") + 1] == "0.5" for command in calls) == 4
@@ -113,8 +166,10 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
     rows = [line for line in lines if line.startswith("| 0")]
     assert len(rows) == 4 + 2 + 2  # (noise, method) rows, then xsam - none and alpha per noise level
     spread = statistics.stdev([0.8, 0.81])
-    assert rows[3] == (f"| 0.5 | 0.05 | xsam | 0.805 ± {spread:.3f} | 0.805 ± {spread:.3f} | 2.0 ± 0.0 | "
-                       "0.900 ± 0.000 | " + rows[3].split(" | ")[7] + " | 2 |")
+    assert rows[3] == (
+        f"| 0.5 | 0.05 | xsam | 0.805 ± {spread:.3f} | 0.805 ± {spread:.3f} | 2.0 ± 0.0 | "
+        "0.900 ± 0.000 | " + rows[3].split(" | ")[7] + " | 2 |"
+    )
     assert rows[5] == "| 0.5 | 0.05 | xsam − none | 0.400 ± 0.000 | 2 of 2 | 0.300 ± 0.000 | 2 of 2 |"
     assert rows[7] == "| 0.5 | 0.05 | 1.75 | 1.75 | 1.75 | 1.5 to 2.0 | 50% | 0.50 |"
     assert (tmp_path / "tiny.png").stat().st_size > 0
@@ -129,9 +184,28 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
 
 
 def test_study_runs_the_script_end_to_end(tmp_path):
-    argv = ["--task", "digits", "--methods", "xsam", "--seeds", "0", "--label_noise", "0.5", "--output_dir",
-            str(tmp_path), "--", *TINY_VIT, "--num_train_epochs", "2", "--max_train_samples", "32",
-            "--max_eval_samples", "16", "--per_device_train_batch_size", "16"]
+    argv = [
+        "--task",
+        "digits",
+        "--methods",
+        "xsam",
+        "--seeds",
+        "0",
+        "--label_noise",
+        "0.5",
+        "--output_dir",
+        str(tmp_path),
+        "--",
+        *TINY_VIT,
+        "--num_train_epochs",
+        "2",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "16",
+    ]
     study.main(argv)
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert len(run["curve"]) == len(run["train_curve"]) == len(run["alpha"]) == 2

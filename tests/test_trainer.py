@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
-from reference import gradient, xsam_direction
 from transformers import Trainer, TrainingArguments
 
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME as XSAM_STATE_NAME
+from reference import gradient, xsam_direction
 
 N, BATCH, STEPS, LR = 12, 4, 6, 0.5
 
@@ -34,8 +34,20 @@ def xsam_args(tmp_path, **overrides):
     return XSAMTrainingArguments(**settings)
 
 
-def reference_run(model, data, *, rho, k=1, alpha=1.0, search_every_epoch=False, loss_scale=1.0,
-                  label_smoothing=0.0, momentum=0.0, clip=0.0, sam_interval=1):
+def reference_run(
+    model,
+    data,
+    *,
+    rho,
+    k=1,
+    alpha=1.0,
+    search_every_epoch=False,
+    loss_scale=1.0,
+    label_smoothing=0.0,
+    momentum=0.0,
+    clip=0.0,
+    sam_interval=1,
+):
     """Float64 XSAM over the batches in order, epochs of N / BATCH steps, SGD (optionally with momentum).
 
     Steps that are not multiples of ``sam_interval`` use the plain gradient.
@@ -67,8 +79,10 @@ CASES = {
     "search_k1": (dict(rho=0.3), dict(rho=0.3, search_every_epoch=True)),
     "search_k2": (dict(rho=0.3, ascent_steps=2), dict(rho=0.3, k=2, search_every_epoch=True)),
     "clipping": (dict(rho=0.2, max_grad_norm=0.05), dict(rho=0.2, search_every_epoch=True, clip=0.05)),
-    "sam_interval": (dict(rho=0.2, sam_interval=2, alpha=1.2, alpha_search_interval=0),
-                     dict(rho=0.2, sam_interval=2, alpha=1.2)),
+    "sam_interval": (
+        dict(rho=0.2, sam_interval=2, alpha=1.2, alpha_search_interval=0),
+        dict(rho=0.2, sam_interval=2, alpha=1.2),
+    ),
     "label_smoothing": (
         dict(rho=0.2, label_smoothing_factor=0.1),
         dict(rho=0.2, search_every_epoch=True, label_smoothing=0.1),
@@ -81,8 +95,9 @@ def test_trainer_matches_reference(tmp_path, case):
     trainer_settings, reference_settings = CASES[case]
     model, data = TinyClassifier(), make_data(n=N)
     expected, alphas = reference_run(model, data, **reference_settings)
-    trainer = SequentialXSAMTrainer(model=model, args=xsam_args(tmp_path, **trainer_settings),
-                                    train_dataset=as_dataset(data))
+    trainer = SequentialXSAMTrainer(
+        model=model, args=xsam_args(tmp_path, **trainer_settings), train_dataset=as_dataset(data)
+    )
     trainer.train()
     # the Trainer's LabelSmoother sums in another order than F.cross_entropy: agreement to ~1e-8 there
     tolerance = 1e-6 if case == "label_smoothing" else 1e-9
@@ -99,8 +114,9 @@ def test_custom_compute_loss_and_user_optimizer(tmp_path):
     model, data = TinyClassifier(), make_data(n=N)
     expected, _ = reference_run(model, data, rho=0.2, search_every_epoch=True, loss_scale=3.0, momentum=0.9)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    trainer = TripledLoss(model=model, args=xsam_args(tmp_path, rho=0.2), train_dataset=as_dataset(data),
-                          optimizers=(optimizer, None))
+    trainer = TripledLoss(
+        model=model, args=xsam_args(tmp_path, rho=0.2), train_dataset=as_dataset(data), optimizers=(optimizer, None)
+    )
     trainer.train()
     torch.testing.assert_close(flat(model), expected, rtol=1e-9, atol=1e-10)
 
@@ -112,16 +128,30 @@ def test_gradient_accumulation_averages_micro_batch_directions(tmp_path):
         start = step * 4
         halves = [{k: v[start + i : start + i + 2] for k, v in data.items()} for i in (0, 2)]
         w = w - LR * sum(xsam_direction(flat_loss(model, h), w, rho=0.2, alpha=1.5)[0] for h in halves) / 2
-    args = xsam_args(tmp_path, rho=0.2, alpha=1.5, alpha_search_interval=0, per_device_train_batch_size=2,
-                     gradient_accumulation_steps=2, max_steps=2)
+    args = xsam_args(
+        tmp_path,
+        rho=0.2,
+        alpha=1.5,
+        alpha_search_interval=0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+    )
     SequentialXSAMTrainer(model=model, args=args, train_dataset=as_dataset(data)).train()
     torch.testing.assert_close(flat(model), w, rtol=1e-9, atol=1e-10)
 
 
 def test_method_none_is_plain_trainer_bit_for_bit(tmp_path):
     data = as_dataset(make_data(n=N))
-    plain_args = dict(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=BATCH, max_steps=4,
-                      report_to="none", disable_tqdm=True, use_cpu=True, seed=3)
+    plain_args = dict(
+        output_dir=str(tmp_path / "plain"),
+        per_device_train_batch_size=BATCH,
+        max_steps=4,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=3,
+    )
     plain = TinyClassifier(dtype=torch.float32)
     Trainer(model=plain, args=TrainingArguments(**plain_args), train_dataset=data).train()
     xsam = TinyClassifier(dtype=torch.float32)
@@ -141,8 +171,11 @@ def test_frozen_parameters_stay_put(tmp_path):
 
 
 def test_logs_xsam_figures(tmp_path):
-    trainer = XSAMTrainer(model=TinyClassifier(), args=xsam_args(tmp_path, rho=0.3, logging_steps=2),
-                          train_dataset=as_dataset(make_data(n=N)))
+    trainer = XSAMTrainer(
+        model=TinyClassifier(),
+        args=xsam_args(tmp_path, rho=0.3, logging_steps=2),
+        train_dataset=as_dataset(make_data(n=N)),
+    )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == STEPS // 2
@@ -158,8 +191,16 @@ def test_resume_continues_as_if_never_interrupted(tmp_path):
     data = as_dataset(make_data(n=8))  # 2 steps per epoch: searches at steps 0, 2, 4; checkpoint at 3
 
     def train(output_dir, resume=None, max_steps=6):
-        args = xsam_args(output_dir, rho=0.3, max_steps=max_steps, save_strategy="steps", save_steps=3,
-                         optim="adamw_torch", learning_rate=0.05, seed=7)
+        args = xsam_args(
+            output_dir,
+            rho=0.3,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=3,
+            optim="adamw_torch",
+            learning_rate=0.05,
+            seed=7,
+        )
         trainer = XSAMTrainer(model=TinyClassifier(seed=5), args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume)
         return trainer

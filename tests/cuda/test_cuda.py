@@ -21,14 +21,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
-from reference import xsam_direction
-from test_precision import BATCH, LR, InfInAscentPass, N, WeightsAfterEachStep, args_for, with_cpu_grad_scaler
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import PretrainedConfig, TrainerCallback
 
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
+from reference import xsam_direction
+from test_precision import BATCH, LR, InfInAscentPass, N, WeightsAfterEachStep, args_for, with_cpu_grad_scaler
 
 DEVICE = torch.device(os.environ.get("HF_XSAM_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -92,8 +92,12 @@ def test_fp16_overflow_in_ascent_pass_skips_the_step_and_finite_steps_match_refe
     expected_0 = w0 - LR * xsam_direction(first, w0, rho=RHO, alpha=ALPHA)[0]
     expected_2 = expected_0 - LR * xsam_direction(third, expected_0, rho=RHO, alpha=ALPHA)[0]
     weights = WeightsAfterEachStep()
-    trainer = InfInAscentPass(model=model, args=device_args(tmp_path, max_steps=3, fp16=True),
-                              train_dataset=as_dataset(data), callbacks=[weights])
+    trainer = InfInAscentPass(
+        model=model,
+        args=device_args(tmp_path, max_steps=3, fp16=True),
+        train_dataset=as_dataset(data),
+        callbacks=[weights],
+    )
     scaler = fp16_scaler(trainer)
     initial_scale = scaler.get_scale()
     trainer.train()
@@ -138,8 +142,9 @@ def test_bf16_autocast_step_is_close_to_fp32(tmp_path):
     model, data = TinyClassifier(dtype=torch.float32), make_data(n=N)
     w0, loss = flat(model), flat_loss(model, batches(data, 1)[0])
     expected = w0 - LR * xsam_direction(loss, w0, rho=RHO, alpha=ALPHA)[0]
-    trainer = SequentialXSAMTrainer(model=model, args=device_args(tmp_path, max_steps=1, bf16=True),
-                                    train_dataset=as_dataset(data))
+    trainer = SequentialXSAMTrainer(
+        model=model, args=device_args(tmp_path, max_steps=1, bf16=True), train_dataset=as_dataset(data)
+    )
     trainer.train()
     assert next(model.parameters()).dtype == torch.float32
     assert next(model.parameters()).device.type == DEVICE.type
@@ -202,11 +207,20 @@ def train_checking(tmp_path, steps: set[int], **overrides) -> CheckSteps:
     # Step 0 searches alpha (which reads losses back); no later step does. Logging only after step 3.
     # The Trainer's own NaN filter reads every step's loss back, a cost of the plain Trainer too: off.
     # Fused optimizers skip a non-finite step on the device; others cost one sync per step by design.
-    settings = {"max_steps": 4, "logging_steps": 4, "logging_nan_inf_filter": False, "alpha_search_interval": 1000,
-                "optim": "adamw_torch_fused"}
+    settings = {
+        "max_steps": 4,
+        "logging_steps": 4,
+        "logging_nan_inf_filter": False,
+        "alpha_search_interval": 1000,
+        "optim": "adamw_torch_fused",
+    }
     settings.update(overrides)
-    trainer = SequentialXSAMTrainer(model=TinyClassifier(dtype=torch.float32), args=device_args(tmp_path, **settings),
-                                    train_dataset=as_dataset(make_data(n=4 * N)), callbacks=[check])
+    trainer = SequentialXSAMTrainer(
+        model=TinyClassifier(dtype=torch.float32),
+        args=device_args(tmp_path, **settings),
+        train_dataset=as_dataset(make_data(n=4 * N)),
+        callbacks=[check],
+    )
     try:
         trainer.train()
     finally:
@@ -260,10 +274,20 @@ def peak_training_bytes(tmp_path, sam_method: str, accumulation: int) -> tuple[i
     torch.manual_seed(0)
     model = DeepMLP().to(DEVICE)
     generator = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict({"x": torch.randn(32, 512, generator=generator).tolist(),
-                              "labels": torch.randint(0, 3, (32,), generator=generator).tolist()})
-    args = device_args(tmp_path, max_steps=3, sam_method=sam_method, gradient_accumulation_steps=accumulation,
-                       alpha_search_interval=0, logging_steps=100)
+    data = Dataset.from_dict(
+        {
+            "x": torch.randn(32, 512, generator=generator).tolist(),
+            "labels": torch.randint(0, 3, (32,), generator=generator).tolist(),
+        }
+    )
+    args = device_args(
+        tmp_path,
+        max_steps=3,
+        sam_method=sam_method,
+        gradient_accumulation_steps=accumulation,
+        alpha_search_interval=0,
+        logging_steps=100,
+    )
     trainer = XSAMTrainer(model=model, args=args, train_dataset=data)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -286,7 +310,8 @@ def test_extra_memory_is_one_parameter_copy(tmp_path):
     peaks = {}
     for method, accumulation in [("none", 1), ("sam", 1), ("xsam", 1), ("none", 2), ("xsam", 2)]:
         peaks[method, accumulation], parameter_bytes = peak_training_bytes(
-            tmp_path / f"{method}-{accumulation}", method, accumulation)
+            tmp_path / f"{method}-{accumulation}", method, accumulation
+        )
     copies = {key: (peak - peaks["none", key[1]]) / parameter_bytes for key, peak in peaks.items()}
     assert abs(copies["xsam", 1] - copies["sam", 1]) <= 0.02, copies
     assert 0.95 <= copies["xsam", 1] <= 1.15, copies
@@ -329,8 +354,17 @@ def test_model_split_across_cpu_and_gpu_trains_or_is_refused(tmp_path):
     # (at the Trainer's construction or the engine's, which happens in the first training step).
     model = SplitClassifier()
     before = [p.detach().clone() for p in model.parameters()]
-    args = KeepPlacement(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=3, optim="sgd",
-                         learning_rate=LR, rho=RHO, save_strategy="no", report_to="none", disable_tqdm=True)
+    args = KeepPlacement(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=3,
+        optim="sgd",
+        learning_rate=LR,
+        rho=RHO,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
     try:
         XSAMTrainer(model=model, args=args, train_dataset=as_dataset(make_data(n=N))).train()
     except ValueError as error:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
 
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
 from hf_xsam import XSAMTrainingArguments
 
 N, LR = 16, 0.5
@@ -51,8 +51,9 @@ class WeightsAfterEachStep(TrainerCallback):
         self.weights.append(flat(model))
 
 
-def run(output_dir: Path, resume: str | None = None, trainer_class: type = RecordingTrainer,
-        **settings) -> RecordingTrainer:
+def run(
+    output_dir: Path, resume: str | None = None, trainer_class: type = RecordingTrainer, **settings
+) -> RecordingTrainer:
     defaults = dict(
         per_device_train_batch_size=2,
         learning_rate=LR,
@@ -69,8 +70,9 @@ def run(output_dir: Path, resume: str | None = None, trainer_class: type = Recor
     args = XSAMTrainingArguments(output_dir=str(output_dir), **{**defaults, **settings})
     weights = WeightsAfterEachStep()
     weights.weights = [flat(TinyClassifier())]
-    trainer = trainer_class(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=N)),
-                            callbacks=[weights])
+    trainer = trainer_class(
+        model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=N)), callbacks=[weights]
+    )
     trainer.seen, trainer.weights = [], weights.weights
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -99,8 +101,14 @@ def main(out: Path) -> None:
     }
     for optim in ("sgd", "adamw_torch_fused"):
         # a search on the bad step too: every worker must take the same branch
-        bad = run(out / f"nonfinite-{optim}", trainer_class=InfOnRankOne, rho=0.3, max_steps=3, optim=optim,
-                  alpha_search_interval=1)
+        bad = run(
+            out / f"nonfinite-{optim}",
+            trainer_class=InfOnRankOne,
+            rho=0.3,
+            max_steps=3,
+            optim=optim,
+            alpha_search_interval=1,
+        )
         results[f"nonfinite-{optim}"] = {
             "weights": bad.weights,
             "nonfinite": [e["xsam/nonfinite"] for e in bad.state.log_history if "xsam/nonfinite" in e],

@@ -5,15 +5,14 @@ drives the engine the way the Trainer does under FSDP: every backward reduce-sca
 perturbation), norms and dot products are summed over the shards.
 """
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import TinyClassifier, make_data
 from torch.distributed.fsdp import fully_shard
 
+from helpers import TinyClassifier, make_data
 from hf_xsam import XSAM
 from hf_xsam.distributed import all_reduce_mean_
 
@@ -26,8 +25,14 @@ def main(out: Path) -> None:
     model = TinyClassifier()
     fully_shard(model)
     data = make_data(n=STEPS * BATCH * world)
-    engine = XSAM(model.parameters(), rho=0.3, alpha_search_interval=2, modules=model.modules(),
-                  reduce_losses=lambda losses: all_reduce_mean_([losses]), sam_perturbation="global")
+    engine = XSAM(
+        model.parameters(),
+        rho=0.3,
+        alpha_search_interval=2,
+        modules=model.modules(),
+        reduce_losses=lambda losses: all_reduce_mean_([losses]),
+        sam_perturbation="global",
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         start = (step * world + rank) * BATCH
@@ -42,9 +47,15 @@ def main(out: Path) -> None:
         engine.step(forward_backward, lambda: model(**batch)["loss"], step=step)
         optimizer.step()
     weights = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
-    torch.save({"weights": weights, "alpha": engine.alpha, "sharded": engine.sharded,
-                "local_numel": sum(p.to_local().numel() for p in model.parameters())},
-               out / f"fsdp_rank{rank}.pt")
+    torch.save(
+        {
+            "weights": weights,
+            "alpha": engine.alpha,
+            "sharded": engine.sharded,
+            "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+        },
+        out / f"fsdp_rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 

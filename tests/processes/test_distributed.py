@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import TinyClassifier, flat, flat_loss, make_data
 from reference import xsam_direction
 
@@ -27,8 +28,15 @@ def torchrun(worker: str, out: Path, result_prefix: str) -> list[dict]:
     # the checkout's root too: the workers must import this checkout's hf_xsam, not an installed one
     paths = [str(TESTS), str(TESTS.parent), str(TESTS.parent.parent)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-               str(TESTS / worker), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        str(TESTS / worker),
+        str(out),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"{result_prefix}{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -65,14 +73,18 @@ def expected_weights(seen, mode, accumulation, steps, search_steps, rho=0.3):
                 direction = direction + d
         else:  # each worker its own direction; search losses averaged over workers, then the directions
             if search:
-                losses = torch.tensor([xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True)[2]
-                                       for r in range(WORLD)]).mean(0)
+                losses = torch.tensor(
+                    [xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True)[2] for r in range(WORLD)]
+                ).mean(0)
                 alpha = round(0.1 * int(torch.argmax(losses)), 10)
-            direction = sum(
-                xsam_direction(scaled(flat_loss(model, micro[r][m]), 1 / accumulation), w, rho=rho, alpha=alpha)[0]
-                for r in range(WORLD)
-                for m in range(accumulation)
-            ) / WORLD
+            direction = (
+                sum(
+                    xsam_direction(scaled(flat_loss(model, micro[r][m]), 1 / accumulation), w, rho=rho, alpha=alpha)[0]
+                    for r in range(WORLD)
+                    for m in range(accumulation)
+                )
+                / WORLD
+            )
         w = w - LR * direction
     return w, alpha
 
@@ -99,8 +111,10 @@ def test_ternary_search_takes_the_same_branches_on_every_worker(ranks):
     first, second = ranks[0]["local_ternary"], ranks[1]["local_ternary"]
     assert not torch.equal(first["seen"][0]["x"], second["seen"][0]["x"]), "workers must see different data"
     # theta is each worker's own ("local" ascent); what was evaluated, the averaged losses and the choice are shared
-    shared = [[{k: s[k] for k in ("step", "alpha", "alphas", "losses")} for s in r["search_history"]]
-              for r in (first, second)]
+    shared = [
+        [{k: s[k] for k in ("step", "alpha", "alphas", "losses")} for s in r["search_history"]]
+        for r in (first, second)
+    ]
     assert shared[0] == shared[1] and len(shared[0]) == 6
     assert torch.equal(first["weights"], second["weights"]) and first["alpha"] == second["alpha"]
     for record in first["search_history"]:
@@ -136,8 +150,10 @@ def test_fsdp2_sharded_engine_equals_one_device_on_the_global_batch(fsdp_ranks):
     from fsdp_worker import BATCH, STEPS
 
     data = make_data(n=STEPS * BATCH * WORLD)
-    seen = [[{k: v[(s * WORLD + r) * BATCH : (s * WORLD + r + 1) * BATCH] for k, v in data.items()}
-             for s in range(STEPS)] for r in range(WORLD)]
+    seen = [
+        [{k: v[(s * WORLD + r) * BATCH : (s * WORLD + r + 1) * BATCH] for k, v in data.items()} for s in range(STEPS)]
+        for r in range(WORLD)
+    ]
     expected, alpha = expected_weights(seen, "global", 1, STEPS, {0, 2})
     for result in fsdp_ranks:
         assert result["sharded"] and 0 < result["local_numel"] < expected.numel()
