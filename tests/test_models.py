@@ -41,6 +41,7 @@ def test_tiny_vit_learns(tmp_path):
         num_labels=2,
     )
     args = XSAMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=30, **COMMON)
+    torch.manual_seed(0)  # the initial weights, whatever ran before
     trainer = XSAMTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data)
     trainer.train()
     history = losses(trainer)
@@ -71,6 +72,7 @@ def test_tiny_marian_learns_to_copy(tmp_path):
     args = XSAMSeq2SeqTrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, ascent_steps=2, **COMMON
     )
+    torch.manual_seed(0)
     trainer = XSAMSeq2SeqTrainer(model=MarianMTModel(config), args=args, train_dataset=data)
     trainer.train()
     history = losses(trainer)
