@@ -13,6 +13,22 @@ from transformers import PretrainedConfig
 
 from hf_xsam import XSAMTrainer
 
+# a tiny ViT for the image-classification script's runs
+TINY_VIT = [
+    "--image_size",
+    "8",
+    "--patch_size",
+    "4",
+    "--hidden_size",
+    "16",
+    "--num_hidden_layers",
+    "1",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "32",
+]
+
 
 class TinyClassifier(nn.Module):
     """A two-layer classifier with the Trainer's conventions (``labels`` in, ``loss`` out)."""

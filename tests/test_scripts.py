@@ -34,6 +34,7 @@ from transformers import (
 import _common
 import classify_images
 import translate
+from helpers import TINY_VIT
 from hf_xsam import XSAMSeq2SeqTrainingArguments
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"
@@ -65,20 +66,6 @@ TINY_MARIAN = [
     "120",
     "--max_target_length",
     "24",
-]
-TINY_VIT = [
-    "--image_size",
-    "8",
-    "--patch_size",
-    "4",
-    "--hidden_size",
-    "16",
-    "--num_hidden_layers",
-    "1",
-    "--num_attention_heads",
-    "2",
-    "--intermediate_size",
-    "32",
 ]
 EMBEDDED_TRANSLATION = ["--num_embedded_train", "48", "--num_embedded_eval", "16"]
 

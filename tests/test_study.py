@@ -10,22 +10,8 @@ from datasets import ClassLabel, Dataset, Features, Value
 
 import classify_images
 import study
+from helpers import TINY_VIT
 from label_noise import add_label_noise
-
-TINY_VIT = [
-    "--image_size",
-    "8",
-    "--patch_size",
-    "4",
-    "--hidden_size",
-    "16",
-    "--num_hidden_layers",
-    "1",
-    "--num_attention_heads",
-    "2",
-    "--intermediate_size",
-    "32",
-]
 
 
 def labelled(n: int, num_classes: int = 10) -> Dataset:
