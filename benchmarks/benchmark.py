@@ -19,11 +19,17 @@ On a GPU (``--device cuda``), ``--size base`` is a ViT-Base (86M parameters) bui
 for the passes to be compute-bound; ``--bf16`` trains it under bf16 autocast as users would, and the memory
 table reports ``torch.cuda.max_memory_allocated`` per configuration. ``benchmarks/gpu_check.sh`` runs it so.
 
-Usage (the README's tables; the GPU check):
+``--reference PATH`` times the XSAM configurations a second time with the ``hf_xsam`` of another checkout (say a
+``git worktree`` of the last release) in the same rounds, as ``sam@reference`` and so on, and gives the paired
+ratios of this checkout's steps to the reference's: a change to the step measured side by side in one run.
+
+Usage (the README's tables; the GPU check; a change to the step against the commit before it):
     python benchmarks/benchmark.py --rounds 80 --profile --json outputs/benchmark_small.json
     python benchmarks/benchmark.py --size large --rounds 6 --warmup 1 --profile --json outputs/benchmark_large.json
     python benchmarks/benchmark.py --device cuda --bf16 --tasks vit --size base --search-every 400 \
         --configs base sam xsam xsam-search --memory-configs base sam xsam xsam-search --json outputs/gpu.json
+    git worktree add /tmp/before HEAD~1 && python benchmarks/benchmark.py --tasks vit --no-memory \
+        --configs base base-2pass sam xsam xsam-search --reference /tmp/before
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import random
@@ -44,13 +51,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch.autograd.profiler import record_function
 from transformers import Trainer, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
-from hf_xsam import XSAMTrainer, XSAMTrainerMixin, XSAMTrainingArguments
+import hf_xsam
+from hf_xsam import XSAMTrainer, XSAMTrainerMixin
 from toy_tasks import SIZES, TASKS, Task, build_task
 
 NEVER = 10**9  # alpha_search_interval that searches on the first step only (done during warm-up)
@@ -81,6 +90,7 @@ TIMED = [
     "xsam-k2",
 ]
 MEASURED_MEMORY = ["base", "sam", "xsam-search", "base-ga2", "xsam-ga2"]
+REFERENCE = "@reference"  # suffix of the configurations run with the reference checkout's hf_xsam
 BATCH_SIZE = {
     ("vit", "small"): 64,
     ("vit", "large"): 32,
@@ -172,9 +182,32 @@ def make_task(name: str, size: str, seed: int) -> Task:
     return dataclasses.replace(task, size="base", model=ViTForImageClassification(config))
 
 
-def make_runner(task: Task, name: str, output_dir: str, setup: Setup, trainer_class: type = XSAMTrainer) -> Runner:
-    settings, passes, accumulation, steps = CONFIGS[name]
-    args = XSAMTrainingArguments(
+def load_reference(path: str) -> ModuleType:
+    """The ``hf_xsam`` package of another checkout (``path`` holds its ``hf_xsam/``), as ``hf_xsam_reference``."""
+    folder = os.path.join(os.path.abspath(path), "hf_xsam")
+    spec = importlib.util.spec_from_file_location(
+        "hf_xsam_reference", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
+    if spec is None or not os.path.isdir(folder):
+        raise SystemExit(f"--reference {path}: no hf_xsam/ package there")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def make_runner(
+    task: Task,
+    name: str,
+    output_dir: str,
+    setup: Setup,
+    trainer_class: type = XSAMTrainer,
+    package: ModuleType = hf_xsam,
+) -> Runner:
+    settings, passes, accumulation, steps = CONFIGS[name.removesuffix(REFERENCE)]
+    if package is not hf_xsam:
+        trainer_class = package.XSAMTrainer
+    args = package.XSAMTrainingArguments(
         output_dir=output_dir,
         report_to="none",
         learning_rate=1e-4,
@@ -214,11 +247,27 @@ class Clock:
 
 
 def time_task(
-    task: Task, rounds: int, warmup: int, seed: int, clock_kind: str, setup: Setup, configs: list[str]
+    task: Task,
+    rounds: int,
+    warmup: int,
+    seed: int,
+    clock_kind: str,
+    setup: Setup,
+    configs: list[str],
+    reference: ModuleType | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per optimizer step of every timed configuration, one value per round."""
+    """Seconds per optimizer step of every timed configuration, one value per round.
+
+    With a ``reference`` package, every XSAM configuration (not ``base*``) also runs with it, as ``name@reference``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         runners = [make_runner(task, name, tmp, setup) for name in configs]
+        if reference is not None:
+            runners += [
+                make_runner(task, name + REFERENCE, tmp, setup, package=reference)
+                for name in configs
+                if not name.startswith("base")
+            ]
         clock = Clock(runners[0].trainer.args.device, clock_kind)
         for runner in runners:
             for _ in range(warmup):
@@ -262,6 +311,8 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
     for num, den in (("xsam", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2")):
         if num in times and den in times:
             ratios[f"{num}/{den}"] = paired_ratio(times, num, den)
+    for name in [name for name in times if name + REFERENCE in times]:
+        ratios[f"{name}/{name}{REFERENCE}"] = paired_ratio(times, name, name + REFERENCE)
     search_extra = paired_difference(times, "xsam-search", "xsam")
     decomposition = {"search": search_extra}
     if "base-2pass" in times:
@@ -435,14 +486,16 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
         "| config | ms / step | / base (IQR) |",
         "| --- | ---: | ---: |",
     ]
-    for name in [n for n in TIMED + ["xsam-amortised", "xsam-k2-amortised"] if n in medians]:
+    names = [n for n in TIMED + ["xsam-amortised", "xsam-k2-amortised"] if n in medians]
+    for name in names + [n + REFERENCE for n in names if n + REFERENCE in medians]:
         if name == "base":
             lines.append(f"| base | {_ms(medians[name])} | 1 |")
             continue
         median, q1, q3 = ratios[f"{name}/base"]
         lines.append(f"| {name} | {_ms(medians[name])} | {median:.3f} ({q1:.3f}-{q3:.3f}) |")
     lines += ["", f"Search amortised over {timing['search_every']} steps."]
-    for key in ("sam/base", "xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2"):
+    versus_reference = [key for key in ratios if key.endswith(REFERENCE)]
+    for key in ("sam/base", "xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2", *versus_reference):
         if key in ratios:
             median, q1, q3 = ratios[key]
             lines.append(f"- {key}: {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
@@ -510,6 +563,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--clock", choices=("cpu", "wall"), default="cpu", help="CPU timing: process CPU time or wall time"
     )
+    parser.add_argument(
+        "--reference", metavar="PATH", help="also time the XSAM configurations with the hf_xsam of this checkout"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--profile", action="store_true", help="profile XSAM steps with torch.profiler")
@@ -531,10 +587,11 @@ def main() -> None:
     where += ", bf16 autocast" if args.bf16 else ", fp32"
     where += "" if on_cuda else f", {args.clock} clock"
     results = {"settings": vars(args), "torch": torch.__version__, "device": where, "tasks": {}}
+    reference = load_reference(args.reference) if args.reference else None
     for task_name in args.tasks:
         task = make_task(task_name, args.size, args.seed)
         results["tasks"][task_name] = {"parameters": sum(p.numel() for p in task.model.parameters())}
-        times = time_task(task, args.rounds, args.warmup, args.seed, args.clock, setup, args.configs)
+        times = time_task(task, args.rounds, args.warmup, args.seed, args.clock, setup, args.configs, reference)
         timing = summarise_times(times, args.search_every)
         memory = None
         if not args.no_memory:

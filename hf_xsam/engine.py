@@ -42,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .config import XSAMConfig
-from .geometry import angle, global_dot, global_norm, slerp_coefficients
+from .geometry import angle, global_dot, global_norm, global_norms, slerp_coefficients
 from .guards import RunningStatsGuard, replayed_random_state
 from .search import SEARCHES
 from .state import validate_state
@@ -238,6 +238,13 @@ class XSAM:
         dist.all_reduce(square)
         return square.sqrt()
 
+    def _norms(self, *lists: list[Tensor]) -> Tensor:
+        if not self.sharded:
+            return global_norms(*lists)
+        squares = global_norms(*lists).square()
+        dist.all_reduce(squares)
+        return squares.sqrt()
+
     def _dot(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         dot = global_dot(xs, ys)
         if self.sharded:
@@ -282,25 +289,24 @@ class XSAM:
         self._reduce_if_global(grads)
         saved = self._buffers(self._saved, owners)
         torch._foreach_copy_(saved, params)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=loss.device)
+        ascent_norms = []
         try:
             with self.running_stats:
                 for i in range(config.ascent_steps):
                     if i > 0:
-                        grads = self._fresh_gradient(forward_backward, owners, grads)[1]
+                        grads = self._fresh_gradient(forward_backward, owners)[1]
                     norm = self._norm(grads)
-                    finite = torch.isfinite(norm)
-                    nonfinite |= ~finite
-                    scale = torch.where(finite, (config.rho / config.ascent_steps) / (norm + config.sam_eps), 0.0)
-                    # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass refills it)
-                    torch._foreach_mul_(grads, scale)
+                    ascent_norms.append(norm)
+                    scale = (config.rho / config.ascent_steps) / (norm + config.sam_eps)
+                    # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass makes a new one)
+                    torch._foreach_mul_(grads, torch.where(torch.isfinite(norm), scale, 0.0))
                     torch._foreach_add_(params, grads)
-                ascent_loss, grads = self._fresh_gradient(forward_backward, owners, grads)
-                grad_norm = self._norm(grads)
-                nonfinite |= ~torch.isfinite(grad_norm)
+                ascent_loss, grads = self._fresh_gradient(forward_backward, owners)
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
-                displacement_norm = self._norm(params)
+                grad_norm, displacement_norm = self._norms(grads, params)
+                # a non-finite gradient in any pass makes the sum of the norms non-finite
+                nonfinite = ~torch.isfinite(sum(ascent_norms, grad_norm))
                 # an ascent that rounded away (rho below the weights' resolution) leaves no plane: theta = 0
                 # makes u(alpha) = v1, SAM's direction, for every alpha
                 stalled = displacement_norm <= STALLED_ASCENT * config.rho / config.ascent_steps
@@ -314,9 +320,8 @@ class XSAM:
                 c0, c1 = slerp_coefficients(theta, self.alpha)
                 # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
                 # a non-finite pass poisons d so that a scaler, or the trainer, skips the step
-                c1 = torch.where(nonfinite, torch.nan, c1)
                 torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + config.sam_eps))
-                torch._foreach_mul_(grads, c1)
+                torch._foreach_mul_(grads, torch.where(nonfinite, torch.nan, c1))
                 torch._foreach_add_(grads, params)
         finally:
             # back to w0 exactly, whatever happened above
@@ -339,15 +344,20 @@ class XSAM:
                 p.grad = None
 
     def _fresh_gradient(
-        self, forward_backward: Callable[[], Tensor], owners: list[Tensor], grads: list[Tensor]
+        self, forward_backward: Callable[[], Tensor], owners: list[Tensor]
     ) -> tuple[Tensor, list[Tensor]]:
-        """Zero the gradients, run a pass, and return its loss and the new gradients.
+        """Drop the gradients, run a pass, and return its loss and the new gradients.
 
-        The gradients are fetched again: FSDP2 may hand back new gradient tensors after a backward.
+        The pass writes its gradients into fresh tensors (no zeroing, no accumulation); a parameter it does not
+        reach gets a zero gradient.
         """
-        torch._foreach_zero_(grads)
+        for p in owners:
+            p.grad = None
         with torch.enable_grad():
             loss = forward_backward()
+        for p in owners:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = self._gradients(owners)
         self._reduce_if_global(grads)
         return loss, grads
@@ -363,7 +373,8 @@ class XSAM:
         if accumulate:
             self._step_nonfinite = nonfinite
             torch._foreach_add_(self._buffers(self._accumulated, owners), grads)
-            torch._foreach_zero_(grads)
+            for p in owners:  # the next micro-batch's first pass writes fresh gradients
+                p.grad = None
             return nonfinite
         self._step_nonfinite = None
         if self._accumulated:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PLANE_TOLERANCE", "global_norm", "global_dot", "angle", "slerp_coefficients"]
+__all__ = ["PLANE_TOLERANCE", "global_norm", "global_norms", "global_dot", "angle", "slerp_coefficients"]
 
 # Below this value of sin(theta) the plane of v0 and v1 is taken as undefined and u(alpha) = v1.
 PLANE_TOLERANCE = 1e-3
@@ -32,6 +32,18 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
         return torch.zeros(())
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
+
+
+def global_norms(*lists: list[Tensor]) -> Tensor:
+    """Norms of several lists of equally many tensors, each list taken as one vector (one multi-tensor kernel).
+
+    >>> import torch
+    >>> global_norms([torch.tensor([3.0]), torch.tensor([4.0])], [torch.tensor([1.0]), torch.tensor([0.0])])
+    tensor([5., 1.])
+    """
+    dtype = torch.float64 if lists[0][0].dtype == torch.float64 else torch.float32
+    per_tensor = torch.stack(torch._foreach_norm([t for tensors in lists for t in tensors], 2, dtype=dtype))
+    return torch.linalg.vector_norm(per_tensor.view(len(lists), -1), dim=1)
 
 
 def global_dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
@@ -65,7 +77,7 @@ def slerp_coefficients(theta: Tensor, alpha: float | Tensor) -> tuple[Tensor, Te
     """
     sin_theta = torch.sin(theta)
     defined = sin_theta > PLANE_TOLERANCE
-    safe_sin = torch.where(defined, sin_theta, torch.ones_like(sin_theta))
-    c0 = torch.where(defined, torch.sin((1 - alpha) * theta) / safe_sin, torch.zeros_like(sin_theta))
-    c1 = torch.where(defined, torch.sin(alpha * theta) / safe_sin, torch.ones_like(sin_theta))
+    safe_sin = torch.where(defined, sin_theta, 1.0)
+    c0 = torch.where(defined, torch.sin((1 - alpha) * theta) / safe_sin, 0.0)
+    c1 = torch.where(defined, torch.sin(alpha * theta) / safe_sin, 1.0)
     return c0, c1

@@ -48,16 +48,16 @@ class RunningStatsGuard:
         ]
         self._saved: list[torch.Tensor] = []
 
-    @torch.no_grad()
     def __enter__(self) -> RunningStatsGuard:
-        self._saved = [buffer.clone() for buffer in self.buffers]
+        if self.buffers:
+            self._saved = torch._foreach_clone(self.buffers)
         return self
 
-    @torch.no_grad()
     def __exit__(self, *exc_info: object) -> None:
-        for buffer, saved in zip(self.buffers, self._saved):
-            buffer.copy_(saved)
-        self._saved = []
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self._saved)
+            self._saved = []
 
 
 @contextlib.contextmanager

@@ -81,10 +81,12 @@ class XSAMTrainerMixin:
         """Forget the engine and the figures of an earlier run (a resume restores its state afterwards)."""
         self.xsam: XSAM | None = None
         self._xsam_pending_state: dict[str, Any] | None = None
-        # sums since the last log: theta (degrees), ascent loss and sharpness over finite micro-batches (losses
+        # sums since the last log: theta (radians), ascent loss and sharpness over finite micro-batches (losses
         # normalised per micro-batch as the Trainer's loss is, so their sum per step compares with `loss`),
-        # and the counts of finite, non-finite and stalled micro-batches
+        # and the counts of non-finite and stalled micro-batches; the number of micro-batches and of steps
         self._xsam_totals: torch.Tensor | None = None
+        self._xsam_measured: torch.Tensor | None = None  # which entries of the totals are measurements
+        self._xsam_micro_batches = 0
         self._xsam_steps = 0
         self._xsam_alpha_sum = 0.0
         # set on the last micro-batch of an XSAM step: whether its optimizer step must be skipped
@@ -231,13 +233,14 @@ class XSAMTrainerMixin:
     # logging
 
     def _record_xsam_stats(self, stats: XSAMStepStats) -> None:
-        finite = ~stats.nonfinite
-        measured = torch.stack([torch.rad2deg(stats.theta), stats.ascent_loss, stats.ascent_loss - stats.loss]).float()
-        counts = torch.stack([finite, stats.nonfinite, stats.stalled]).float()
-        values = torch.cat([torch.where(finite, measured, 0.0), counts])
+        sharpness = stats.ascent_loss - stats.loss
+        values = torch.stack([stats.theta, stats.ascent_loss, sharpness, stats.nonfinite, stats.stalled]).float()
         if self._xsam_totals is None:
             self._xsam_totals = torch.zeros_like(values)
-        self._xsam_totals += values
+            self._xsam_measured = torch.tensor([True, True, True, False, False], device=values.device)
+        # a non-finite micro-batch counts as such, its measurements not at all
+        self._xsam_totals += torch.where(self._xsam_measured & stats.nonfinite, 0.0, values)
+        self._xsam_micro_batches += 1
         if self.accelerator.sync_gradients:
             self._xsam_steps += 1
             self._xsam_alpha_sum += self.xsam.alpha
@@ -251,9 +254,10 @@ class XSAMTrainerMixin:
         """Adds the `xsam/*` figures, averaged since the last training log, to training logs."""
         if "loss" in logs and self._xsam_steps > 0:
             totals = self.accelerator.reduce(self._xsam_totals, reduction="mean").tolist()
-            theta, ascent_loss, sharpness, finite, nonfinite, stalled = totals
+            theta, ascent_loss, sharpness, nonfinite, stalled = totals
+            finite = self._xsam_micro_batches - nonfinite
             logs["xsam/alpha"] = self._xsam_alpha_sum / self._xsam_steps
-            logs["xsam/theta"] = theta / max(finite, 1.0)
+            logs["xsam/theta"] = math.degrees(theta / max(finite, 1.0))
             logs["xsam/ascent_loss"] = ascent_loss / self._xsam_steps
             logs["xsam/sharpness"] = sharpness / self._xsam_steps
             logs["xsam/nonfinite"] = nonfinite
@@ -271,6 +275,7 @@ class XSAMTrainerMixin:
                     "rho.",
                 )
             self._xsam_totals.zero_()
+            self._xsam_micro_batches = 0
             self._xsam_steps = 0
             self._xsam_alpha_sum = 0.0
         super().log(logs, *args, **kwargs)

@@ -8,7 +8,7 @@ import torch
 
 from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
 from hf_xsam import XSAM
-from hf_xsam.geometry import global_dot, global_norm, slerp_coefficients
+from hf_xsam.geometry import global_dot, global_norm, global_norms, slerp_coefficients
 from reference import gradient, sgd_step, xsam_direction
 
 
@@ -241,6 +241,7 @@ def test_geometry_against_flat_vectors():
     fx, fy = torch.cat([x.reshape(-1) for x in xs]), torch.cat([y.reshape(-1) for y in ys])
     torch.testing.assert_close(global_norm(xs), fx.norm())
     torch.testing.assert_close(global_dot(xs, ys), fx @ fy)
+    torch.testing.assert_close(global_norms(xs, ys), torch.stack([fx.norm(), fy.norm()]))
     theta = torch.tensor(0.8, dtype=torch.float64)
     for alpha in (0.0, 0.5, 1.0, 1.7):
         c0, c1 = slerp_coefficients(theta, alpha)
