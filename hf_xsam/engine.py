@@ -42,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .config import XSAMConfig
-from .geometry import angle, global_dot, global_norm, global_norms, slerp_coefficients
+from .geometry import add_scaled_, angle, global_dot, global_norm, global_norms, slerp_coefficients
 from .guards import RunningStatsGuard, replayed_random_state
 from .search import SEARCHES
 from .state import validate_state
@@ -299,8 +299,7 @@ class XSAM:
                     ascent_norms.append(norm)
                     scale = (config.rho / config.ascent_steps) / (norm + config.sam_eps)
                     # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass makes a new one)
-                    torch._foreach_mul_(grads, torch.where(torch.isfinite(norm), scale, 0.0))
-                    torch._foreach_add_(params, grads)
+                    add_scaled_(params, grads, torch.where(torch.isfinite(norm), scale, 0.0))
                 ascent_loss, grads = self._fresh_gradient(forward_backward, owners)
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
@@ -320,9 +319,8 @@ class XSAM:
                 c0, c1 = slerp_coefficients(theta, self.alpha)
                 # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
                 # a non-finite pass poisons d so that a scaler, or the trainer, skips the step
-                torch._foreach_mul_(params, c0 * grad_norm / (displacement_norm + config.sam_eps))
                 torch._foreach_mul_(grads, torch.where(nonfinite, torch.nan, c1))
-                torch._foreach_add_(grads, params)
+                add_scaled_(grads, params, c0 * grad_norm / (displacement_norm + config.sam_eps))
         finally:
             # back to w0 exactly, whatever happened above
             torch._foreach_copy_(params, saved)

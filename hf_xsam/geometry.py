@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PLANE_TOLERANCE", "global_norm", "global_norms", "global_dot", "angle", "slerp_coefficients"]
+__all__ = [
+    "PLANE_TOLERANCE",
+    "global_norm",
+    "global_norms",
+    "global_dot",
+    "add_scaled_",
+    "angle",
+    "slerp_coefficients",
+]
 
 # Below this value of sin(theta) the plane of v0 and v1 is taken as undefined and u(alpha) = v1.
 PLANE_TOLERANCE = 1e-3
@@ -57,6 +65,26 @@ def global_dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         return torch.zeros(())
     dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
     return torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)]).to(dtype).sum()
+
+
+def add_scaled_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:
+    """``ys += scale * xs`` for a 0-dim tensor ``scale``; ``xs`` is scratch (it may hold ``scale * xs`` after).
+
+    On the CPU, where multi-tensor kernels loop over the tensors anyway, one broadcasting ``addcmul`` per tensor
+    reads ``xs`` once; elsewhere the multi-tensor kernels of ``mul_`` and ``add_`` (``addcmul`` would take their
+    per-tensor slow path there).
+
+    >>> import torch
+    >>> ys, xs = [torch.ones(2)], [torch.tensor([1.0, 2.0])]
+    >>> add_scaled_(ys, xs, torch.tensor(0.5))
+    >>> ys
+    [tensor([1.5000, 2.0000])]
+    """
+    if ys[0].device.type == "cpu":
+        torch._foreach_addcmul_(ys, xs, [scale] * len(xs))
+    else:
+        torch._foreach_mul_(xs, scale)
+        torch._foreach_add_(ys, xs)
 
 
 def angle(dot: Tensor, norm_x: Tensor, norm_y: Tensor, eps: float) -> Tensor:

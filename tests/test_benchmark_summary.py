@@ -1,8 +1,13 @@
-"""benchmarks/benchmark.py: the summary of a run timing only base, sam, xsam and xsam-search (the GPU check's)."""
+"""benchmarks/benchmark.py: the summary of a run timing only base, sam, xsam and xsam-search (the GPU check's), and
+the configurations of a reference checkout timed beside this one's."""
+
+import pathlib
 
 import pytest
 
-from benchmark import markdown, summarise_times
+import hf_xsam
+from benchmark import Setup, load_reference, markdown, summarise_times, time_task
+from toy_tasks import build_task
 
 
 def test_summary_of_the_four_configurations_of_the_gpu_check():
@@ -20,3 +25,34 @@ def test_summary_of_the_four_configurations_of_the_gpu_check():
     table = markdown("vit", "base", summary, None, "a GPU, bf16 autocast")
     assert "- xsam-amortised/sam: 1.010" in table and "- sam/base: 2.000" in table
     assert table.index("| base |") < table.index("| sam |") < table.index("| xsam-amortised |")
+
+
+def test_reference_configurations_are_paired_with_this_checkouts():
+    # this checkout's SAM step 20 ms against the reference's 25 ms in every round
+    times = {"base": [0.010] * 4, "sam": [0.020] * 4, "xsam": [0.020] * 4, "xsam-search": [0.060] * 4}
+    times |= {"sam@reference": [0.025] * 4, "xsam@reference": [0.020] * 4}
+    summary = summarise_times(times, search_every=400)
+    assert summary["ratios"]["sam/sam@reference"][0] == pytest.approx(0.8)
+    assert summary["ratios"]["xsam/xsam@reference"][0] == pytest.approx(1.0)
+    table = markdown("vit", "small", summary, None, "CPU")
+    assert "| sam@reference | 25.00 |" in table and "- sam/sam@reference: 0.800" in table
+
+
+def test_reference_checkout_runs_beside_this_one(tmp_path):
+    # the repository itself as the reference: its trainer class is another import of the same code
+    reference = load_reference(str(pathlib.Path(__file__).parents[1]))
+    assert reference.__name__ == "hf_xsam_reference" and reference.XSAMTrainer is not hf_xsam.XSAMTrainer
+    task = build_task("vit", "small", seed=0)
+    times = time_task(
+        task,
+        rounds=1,
+        warmup=0,
+        seed=0,
+        clock_kind="cpu",
+        setup=Setup(device="cpu", batch_size=4),
+        configs=["base", "sam"],
+        reference=reference,
+    )
+    assert sorted(times) == ["base", "sam", "sam@reference"]
+    with pytest.raises(SystemExit, match="no hf_xsam/ package"):
+        load_reference(str(tmp_path))
