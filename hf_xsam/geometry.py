@@ -26,6 +26,8 @@ __all__ = [
     "global_norms",
     "global_dot",
     "add_scaled_",
+    "addcmul_scaled_",
+    "mul_add_scaled_",
     "angle",
     "slerp_coefficients",
 ]
@@ -71,8 +73,8 @@ def add_scaled_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:
     """``ys += scale * xs`` for a 0-dim tensor ``scale``; ``xs`` is scratch (it may hold ``scale * xs`` after).
 
     On the CPU, where multi-tensor kernels loop over the tensors anyway, one broadcasting ``addcmul`` per tensor
-    reads ``xs`` once; elsewhere the multi-tensor kernels of ``mul_`` and ``add_`` (``addcmul`` would take their
-    per-tensor slow path there).
+    reads ``xs`` once (:func:`addcmul_scaled_`); elsewhere the multi-tensor kernels of ``mul_`` and ``add_``
+    (:func:`mul_add_scaled_`), as ``addcmul`` would take its per-tensor slow path there.
 
     >>> import torch
     >>> ys, xs = [torch.ones(2)], [torch.tensor([1.0, 2.0])]
@@ -80,11 +82,18 @@ def add_scaled_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:
     >>> ys
     [tensor([1.5000, 2.0000])]
     """
-    if ys[0].device.type == "cpu":
-        torch._foreach_addcmul_(ys, xs, [scale] * len(xs))
-    else:
-        torch._foreach_mul_(xs, scale)
-        torch._foreach_add_(ys, xs)
+    (addcmul_scaled_ if ys[0].device.type == "cpu" else mul_add_scaled_)(ys, xs, scale)
+
+
+def addcmul_scaled_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:
+    """``ys += scale * xs``, one broadcasting ``addcmul`` per tensor; ``xs`` is left as it was."""
+    torch._foreach_addcmul_(ys, xs, [scale] * len(xs))
+
+
+def mul_add_scaled_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:
+    """``ys += scale * xs`` with two multi-tensor kernels; ``xs`` holds ``scale * xs`` after."""
+    torch._foreach_mul_(xs, scale)
+    torch._foreach_add_(ys, xs)
 
 
 def angle(dot: Tensor, norm_x: Tensor, norm_y: Tensor, eps: float) -> Tensor:

@@ -8,7 +8,14 @@ import torch
 
 from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
 from hf_xsam import XSAM
-from hf_xsam.geometry import global_dot, global_norm, global_norms, slerp_coefficients
+from hf_xsam.geometry import (
+    addcmul_scaled_,
+    global_dot,
+    global_norm,
+    global_norms,
+    mul_add_scaled_,
+    slerp_coefficients,
+)
 from reference import gradient, sgd_step, xsam_direction
 
 
@@ -242,6 +249,11 @@ def test_geometry_against_flat_vectors():
     torch.testing.assert_close(global_norm(xs), fx.norm())
     torch.testing.assert_close(global_dot(xs, ys), fx @ fy)
     torch.testing.assert_close(global_norms(xs, ys), torch.stack([fx.norm(), fy.norm()]))
+    scale = torch.tensor(-0.3, dtype=torch.float64)
+    for add in (addcmul_scaled_, mul_add_scaled_):  # the CPU's kernel and the accelerators'
+        sums, scratch = [y.clone() for y in ys], [x.clone() for x in xs]
+        add(sums, scratch, scale)
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in sums]), fy - 0.3 * fx, rtol=1e-15, atol=1e-15)
     theta = torch.tensor(0.8, dtype=torch.float64)
     for alpha in (0.0, 0.5, 1.0, 1.7):
         c0, c1 = slerp_coefficients(theta, alpha)
