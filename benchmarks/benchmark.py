@@ -19,6 +19,10 @@ On a GPU (``--device cuda``), ``--size base`` is a ViT-Base (86M parameters) bui
 for the passes to be compute-bound; ``--bf16`` trains it under bf16 autocast as users would, and the memory
 table reports ``torch.cuda.max_memory_allocated`` per configuration. ``benchmarks/gpu_check.sh`` runs it so.
 
+The skip guard (an optimizer step whose direction is not finite is skipped) costs ``sam`` over ``sam-unguarded``
+with the default fused AdamW, and ``sam-adamw`` over ``sam-adamw-unguarded`` with a non-fused one (one host read
+of the flag per step); both pairs are timed only when named in ``--configs``.
+
 ``--reference PATH`` times the XSAM configurations a second time with the ``hf_xsam`` of another checkout (say a
 ``git worktree`` of the last release) in the same rounds, as ``sam@reference`` and so on, and gives the paired
 ratios of this checkout's steps to the reference's: a change to the step measured side by side in one run.
@@ -77,7 +81,12 @@ CONFIGS = {
     "xsam-k2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "ascent_steps": 2}, 1, 1, 1),
     "base-ga2": ({"sam_method": "none"}, 1, 2, 1),
     "xsam-ga2": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 2, 1),
+    # the skip guard's cost: without it, and with a non-fused AdamW (one host read per step) with and without
+    "sam-unguarded": ({"sam_method": "sam"}, 1, 1, 1),
+    "sam-adamw": ({"sam_method": "sam", "optim": "adamw_torch"}, 1, 1, 1),
+    "sam-adamw-unguarded": ({"sam_method": "sam", "optim": "adamw_torch"}, 1, 1, 1),
 }
+GUARDED = {"sam": "sam-unguarded", "sam-adamw": "sam-adamw-unguarded"}  # ratios guarded / unguarded
 TIMED = [
     "base",
     "base-2pass",
@@ -222,7 +231,11 @@ def make_runner(
     trainer = trainer_class(model=copy.deepcopy(task.model), args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=NEVER)
     batch = task.batch(setup.batch_size or BATCH_SIZE[task.name, task.size])
-    return Runner(name, trainer, batch, passes, accumulation, steps)
+    runner = Runner(name, trainer, batch, passes, accumulation, steps)
+    if name in GUARDED.values():
+        runner.unit()  # the first XSAM step guards the optimizer step against non-finite directions: undo that
+        trainer.optimizer.step = trainer.optimizer.step.__wrapped__
+    return runner
 
 
 class Clock:
@@ -311,6 +324,9 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
     for num, den in (("xsam", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2")):
         if num in times and den in times:
             ratios[f"{num}/{den}"] = paired_ratio(times, num, den)
+    for guarded, unguarded in GUARDED.items():
+        if guarded in times and unguarded in times:
+            ratios[f"{guarded}/{unguarded}"] = paired_ratio(times, guarded, unguarded)
     for name in [name for name in times if name + REFERENCE in times]:
         ratios[f"{name}/{name}{REFERENCE}"] = paired_ratio(times, name, name + REFERENCE)
     search_extra = paired_difference(times, "xsam-search", "xsam")
@@ -486,7 +502,7 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
         "| config | ms / step | / base (IQR) |",
         "| --- | ---: | ---: |",
     ]
-    names = [n for n in TIMED + ["xsam-amortised", "xsam-k2-amortised"] if n in medians]
+    names = [n for n in [*CONFIGS, "xsam-amortised", "xsam-k2-amortised"] if n in medians]
     for name in names + [n + REFERENCE for n in names if n + REFERENCE in medians]:
         if name == "base":
             lines.append(f"| base | {_ms(medians[name])} | 1 |")
@@ -495,7 +511,8 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
         lines.append(f"| {name} | {_ms(medians[name])} | {median:.3f} ({q1:.3f}-{q3:.3f}) |")
     lines += ["", f"Search amortised over {timing['search_every']} steps."]
     versus_reference = [key for key in ratios if key.endswith(REFERENCE)]
-    for key in ("sam/base", "xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2", *versus_reference):
+    guards = [f"{guarded}/{unguarded}" for guarded, unguarded in GUARDED.items()]
+    for key in ("sam/base", "xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2", *guards, *versus_reference):
         if key in ratios:
             median, q1, q3 = ratios[key]
             lines.append(f"- {key}: {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
@@ -545,7 +562,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--configs",
         nargs="+",
-        choices=TIMED,
+        choices=list(CONFIGS),
         default=TIMED,
         help="timed configurations (at least base sam xsam xsam-search)",
     )

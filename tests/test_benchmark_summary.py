@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 import hf_xsam
-from benchmark import Setup, load_reference, markdown, summarise_times, time_task
+from benchmark import Setup, load_reference, make_runner, markdown, summarise_times, time_task
 from toy_tasks import build_task
 
 
@@ -56,3 +56,19 @@ def test_reference_checkout_runs_beside_this_one(tmp_path):
     assert sorted(times) == ["base", "sam", "sam@reference"]
     with pytest.raises(SystemExit, match="no hf_xsam/ package"):
         load_reference(str(tmp_path))
+
+
+def test_unguarded_configurations_take_the_skip_guard_off(tmp_path):
+    task = build_task("vit", "small", seed=0)
+    setup = Setup(device="cpu", batch_size=4)
+    guarded, unguarded = (
+        make_runner(task, name, str(tmp_path), setup) for name in ("sam-adamw", "sam-adamw-unguarded")
+    )
+    guarded.unit()
+    unguarded.unit()
+
+    def installed_by(runner):
+        return pathlib.Path(runner.trainer.optimizer.step.__code__.co_filename).name
+
+    assert installed_by(guarded) == "skipping.py" and installed_by(unguarded) != "skipping.py"
+    assert not unguarded.trainer.optimizer.defaults["fused"]  # the non-fused AdamW: a host read to skip
