@@ -232,16 +232,16 @@ class XSAM:
         return self._last_buffers[1]
 
     def _norm(self, tensors: list[Tensor]) -> Tensor:
-        if not self.sharded:
-            return global_norm(tensors)
-        square = global_norm(tensors).square()
-        dist.all_reduce(square)
-        return square.sqrt()
+        return self._over_shards(global_norm(tensors))
 
     def _norms(self, *lists: list[Tensor]) -> Tensor:
+        return self._over_shards(global_norms(*lists))
+
+    def _over_shards(self, norms: Tensor) -> Tensor:
+        """The norms of whole tensors from those of this worker's shards (FSDP2); unsharded, ``norms`` as given."""
         if not self.sharded:
-            return global_norms(*lists)
-        squares = global_norms(*lists).square()
+            return norms
+        squares = norms.square()
         dist.all_reduce(squares)
         return squares.sqrt()
 
