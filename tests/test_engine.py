@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
-from hf_xsam import XSAM
+from hf_xsam import XSAM, XSAMConfig
+from hf_xsam.config import MAX_GRID_POINTS, MAX_RADIUS
 from hf_xsam.geometry import (
     addcmul_scaled_,
     global_dot,
@@ -283,6 +284,29 @@ def test_geometry_against_flat_vectors():
 def test_invalid_settings_are_refused(field, value, match):
     with pytest.raises(ValueError, match=match):
         XSAM([torch.nn.Parameter(torch.ones(1))], **{field: value})
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(alpha_max=1e9), r"Invalid alpha_max / alpha_step: 1000000000.0 / 0.1 give a grid of more than 1001"),
+        (dict(alpha_step=1e-12), r"Invalid alpha_max / alpha_step: 2.0 / 1e-12 give a grid of more than 1001"),
+        (dict(alpha_step=1e-6), r"Invalid alpha_max / alpha_step: 2.0 / 1e-06 give a grid of more than 1001"),
+        (dict(rho=10**400), r"Invalid rho: 10000000000.*; it must be a number > 0"),
+        (dict(rho=1e308), r"Invalid rho: 1e\+308; a radius must be at most 1e\+18"),
+        (dict(rho_max=1e308), r"Invalid rho_max: 1e\+308; a radius must be at most 1e\+18"),
+        (dict(rho=6e17), r"Invalid rho_max: None \(2 \* rho = 1.2e\+18\)"),
+    ],
+)
+def test_settings_that_would_hang_or_overflow_are_refused_at_construction(settings, match):
+    """A grid too large to evaluate (it used to be built first, then hang) and radii whose squares overflow."""
+    with pytest.raises(ValueError, match=match):
+        XSAMConfig(**settings)
+
+
+def test_the_largest_settings_allowed_still_work():
+    config = XSAMConfig(alpha_max=100.0, alpha_step=0.1, rho=1e18 / 2)
+    assert len(config.alpha_grid) == MAX_GRID_POINTS and config.search_radius == MAX_RADIUS
 
 
 def test_no_trainable_parameter_is_refused():
