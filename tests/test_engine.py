@@ -229,6 +229,41 @@ def test_accumulation_sums_per_micro_batch_directions():
     torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_accumulation_updates_parameters_that_only_an_earlier_micro_batch_reached():
+    """Micro-batch 1 reaches only ``a``, the last only ``b``: each gets its own direction at every step, as the
+    Trainer's accumulation gives it (no direction held back in a buffer, none released later in a burst)."""
+    a = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.5, 1.5, -1.0], dtype=torch.float64))
+    engine = XSAM([a, b], rho=0.1, alpha=1.4, alpha_search_interval=0)
+
+    def closure(param, power):
+        def forward_backward():
+            loss = (param**power).sum()
+            loss.backward()
+            return loss.detach()
+
+        return forward_backward
+
+    def on_a(w):
+        return (w[:2] ** 4).sum()
+
+    def on_b(w):
+        return (w[2:] ** 2 + w[2:] ** 4).sum()
+
+    w = torch.cat([a.detach(), b.detach()])
+    for step in range(3):
+        expected = sum(xsam_direction(loss, w, rho=0.1, alpha=1.4)[0] for loss in (on_a, on_b))
+        engine.step(closure(a, 4), step=step, accumulate=True)
+        engine.step(lambda: closure(b, 2)() + closure(b, 4)(), step=step)
+        assert a.grad is not None and b.grad is not None, f"step {step}"
+        torch.testing.assert_close(torch.cat([a.grad, b.grad]), expected, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():  # SGD
+            for p in (a, b):
+                p -= 0.05 * p.grad
+                p.grad = None
+        w = sgd_step(w, expected, 0.05)
+
+
 def test_search_schedule_and_state_round_trip():
     w = torch.nn.Parameter(torch.ones(2))
     per_epoch = XSAM([w], rho=0.1)
