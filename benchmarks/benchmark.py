@@ -75,7 +75,12 @@ CONFIGS = {
     "sam": ({"sam_method": "sam"}, 1, 1, 1),
     "xsam": ({"sam_method": "xsam", "alpha_search_interval": NEVER}, 1, 1, 1),
     "xsam-search": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 1, 1),
-    "xsam-search-ternary": ({"sam_method": "xsam", "alpha_search_interval": 1, "alpha_search": "ternary"}, 1, 1, 1),
+    "xsam-search-coarse": (
+        {"sam_method": "xsam", "alpha_search_interval": 1, "alpha_search": "coarse_to_fine"},
+        1,
+        1,
+        1,
+    ),
     "xsam-interval2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 2}, 1, 1, 2),
     "sam-k2": ({"sam_method": "sam", "ascent_steps": 2}, 1, 1, 1),
     "xsam-k2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "ascent_steps": 2}, 1, 1, 1),
@@ -93,7 +98,7 @@ TIMED = [
     "sam",
     "xsam",
     "xsam-search",
-    "xsam-search-ternary",
+    "xsam-search-coarse",
     "xsam-interval2",
     "sam-k2",
     "xsam-k2",
@@ -348,7 +353,7 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
         # one search, in SAM steps (median of per-round (search step - plain step) / SAM step)
         "search_sam_steps": {
             strategy: statistics.median((s - x) / m for s, x, m in zip(times[name], times["xsam"], times["sam"]))
-            for strategy, name in (("grid", "xsam-search"), ("ternary", "xsam-search-ternary"))
+            for strategy, name in (("grid", "xsam-search"), ("coarse_to_fine", "xsam-search-coarse"))
             if name in times
         },
         # steps between searches for which the amortised search costs at most 2 % of a SAM step

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Do the grid and the ternary alpha search choose the same alpha on the curves of a real training run?
+"""Do the grid and the coarse_to_fine alpha search choose the same alpha on the curves of a real training run?
 
 A tiny ViT learns sklearn's digits with symmetric label noise (a share of the training labels replaced by a
 different class drawn uniformly), trained by ``XSAMTrainer`` (AdamW) with the grid search every few steps,
-which records the loss at all grid points. The ternary strategy (``hf_xsam.search.ternary_search``) is then
+which records the loss at all grid points. The coarse_to_fine strategy (``hf_xsam.search.coarse_to_fine_search``) is then
 run offline on each recorded curve, exactly as the engine would run it on those averaged losses, and compared
 with the grid's choice: same alpha or how far apart, evaluations used, and how many curves were unimodal
-(strictly rising to a top, flat only there, strictly falling after it: where ternary is exact by design).
+(strictly rising to a top, flat only there, strictly falling after it: where coarse_to_fine is exact by design).
 
 Usage (docs/search.md):
     OMP_NUM_THREADS=1 python benchmarks/search_agreement.py --epochs 30 --json outputs/search_agreement.json
@@ -26,7 +26,7 @@ from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.search import grid_search, ternary_search
+from hf_xsam.search import coarse_to_fine_search, grid_search
 from toy_tasks import build_task
 
 
@@ -102,30 +102,30 @@ def compare(history: list[dict], grid: list[float]) -> dict:
             return [curve[i] for i in indices]
 
         grid_index, _ = grid_search(grid, evaluate)
-        ternary_index, seen = ternary_search(grid, evaluate)
+        cheap_index, seen = coarse_to_fine_search(grid, evaluate)
         rows.append(
             {
                 "step": search["step"],
                 "grid_alpha": grid[grid_index],
                 "recorded_alpha": search["alpha"],
-                "ternary_alpha": grid[ternary_index],
+                "cheap_alpha": grid[cheap_index],
                 "evaluations": len(seen),
                 "unimodal": is_unimodal(curve),
                 "losses": curve,
             }
         )
-    differences = [abs(r["grid_alpha"] - r["ternary_alpha"]) for r in rows]
+    differences = [abs(r["grid_alpha"] - r["cheap_alpha"]) for r in rows]
     evaluations = [r["evaluations"] for r in rows]
-    disagreements = [r for r in rows if r["grid_alpha"] != r["ternary_alpha"]]
+    disagreements = [r for r in rows if r["grid_alpha"] != r["cheap_alpha"]]
     return {
         "searches": len(rows),
         "recorded_alpha_is_grid_choice": sum(r["grid_alpha"] == r["recorded_alpha"] for r in rows),
         "same_alpha": len(rows) - len(disagreements),
         "unimodal": sum(r["unimodal"] for r in rows),
-        "same_alpha_on_unimodal": sum(r["unimodal"] and r["grid_alpha"] == r["ternary_alpha"] for r in rows),
+        "same_alpha_on_unimodal": sum(r["unimodal"] and r["grid_alpha"] == r["cheap_alpha"] for r in rows),
         "differences": sorted(d for d in differences if d > 0),
         "disagreements": [
-            {k: r[k] for k in ("step", "grid_alpha", "ternary_alpha", "unimodal", "losses")} for r in disagreements
+            {k: r[k] for k in ("step", "grid_alpha", "cheap_alpha", "unimodal", "losses")} for r in disagreements
         ],
         "evaluations_mean": statistics.mean(evaluations),
         "evaluations_max": max(evaluations),

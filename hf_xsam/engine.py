@@ -9,7 +9,7 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
     d = ||g_k|| u(alpha);  w <- w0 (exact copy);  grad <- d
 
 On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
-evaluating every grid point (``alpha_search="grid"``) or by a Fibonacci search over it (``"ternary"``).
+evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``).
 
 Example:
     >>> import torch
