@@ -316,8 +316,9 @@ class XSAM:
             step: index of the optimizer step, for the search schedule.
             epoch: index of the epoch, for the search schedule.
             accumulate: ``True`` for every micro-batch but the last of an optimizer step: the direction is
-                added to an internal buffer and ``p.grad`` is zeroed. On the last micro-batch ``p.grad``
-                receives the sum of all directions and, in ``"local"`` mode, is averaged across workers.
+                added to an internal buffer and ``p.grad`` is cleared. On the last micro-batch ``p.grad`` of every
+                parameter a micro-batch reached receives the sum of its directions and, in ``"local"`` mode, is
+                averaged across workers.
 
         Returns:
             :class:`XSAMStepStats` with the loss at ``w0``, the loss at the ascent point, the angle theta

@@ -349,11 +349,16 @@ def test_no_trainable_parameter_is_refused():
         XSAM([torch.ones(2)])
 
 
-def test_step_without_search_reads_nothing_back(monkeypatch):
-    """The hot path never turns a tensor into a Python value (a host-device sync on accelerators)."""
+@pytest.mark.parametrize("workers", [None, "local", "global"])
+def test_step_without_search_reads_nothing_back(monkeypatch, workers):
+    """The hot path never turns a tensor into a Python value (a host-device sync on accelerators); with workers
+    (a reducer that leaves the tensors as they are) neither, when every parameter has a gradient."""
     model = TinyClassifier(dtype=torch.float32, batchnorm=True)
     batch = make_data()
-    engine = XSAM(model.parameters(), rho=0.1, ascent_steps=2, alpha_search_interval=0, modules=model.modules())
+    settings = dict(sam_perturbation=workers, reduce_gradients=lambda tensors: None) if workers else {}
+    engine = XSAM(
+        model.parameters(), rho=0.1, ascent_steps=2, alpha_search_interval=0, modules=model.modules(), **settings
+    )
     forward_backward, loss_only = closures(model, batch)
 
     def no_sync(*args, **kwargs):
