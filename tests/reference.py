@@ -1,4 +1,4 @@
-"""A straightforward float64 implementation of XSAM.md on one flat parameter vector.
+"""A straightforward float64 implementation of the method (docs/method.md) on one flat parameter vector.
 
 It shares no code with hf_xsam: the tests hold the package to this independent reading of the spec.
 """
