@@ -538,13 +538,13 @@ class XSAM:
             reached[:-1] = torch.tensor([p in owned for p in self.params], dtype=reached.dtype)
         reached[-1:] = flag.reshape(1) if flag is not None else 0.0
         self.reduce_gradients([*grads, *extra, reached])
-        if not complete:  # a host read, only where this worker missed a parameter
-            for p, anywhere in zip(self.params, reached[:-1].tolist()):
-                if not anywhere:
-                    p.grad = None
-            owners = [p for p in self.params if p.grad is not None]
-            return owners, reached[-1] > 0
-        return self.params, reached[-1] > 0
+        if complete:
+            return self.params, reached[-1] > 0
+        # a host read, only on a worker that missed a parameter: which ones no worker reached
+        for p, anywhere in zip(self.params, reached[:-1].tolist()):
+            if not anywhere:
+                p.grad = None
+        return [p for p in self.params if p.grad is not None], reached[-1] > 0
 
     def _search_alpha(
         self,
