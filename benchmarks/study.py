@@ -187,8 +187,7 @@ def relative_cost(run: dict) -> float:
         passes, forwards = run["passes"], run["search_forwards"]
     else:
         passes = 1.0 if run["method"] == "none" else 2.0
-        epochs, steps = len(run["curve"]), run.get("steps") or len(run["curve"])
-        forwards = 21.0 * epochs / steps if run["method"] == "xsam" else 0.0
+        forwards = 21.0 * len(run["curve"]) / run["steps"] if run["method"] == "xsam" else 0.0
     return (PASS_COST * passes + SEARCH_FORWARD_COST * forwards) / PASS_COST
 
 
@@ -196,7 +195,10 @@ def run_one(task: str, data_dir: str | None, setting: dict, extra: list[str], ou
     """Train and evaluate once (or read the recorded result); ``setting`` holds method, seed, label_noise, rho."""
     result_file = out / "study_run.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if "steps" not in result:  # recorded before the step count was: the run's trainer state has it
+            result["steps"] = json.loads((out / "trainer_state.json").read_text())["global_step"]
+        return result
     command = [
         sys.executable,
         str(SCRIPT),
