@@ -20,7 +20,8 @@ named in ``FILES`` (the Multi30k release as JSON lines: ``{"translation": {"de":
 
 Example:
     python benchmarks/translation_study.py --data_dir /data/multi30k --rho 0.05 --seeds 0 1 2 \\
-        --config cheap="--sam_method xsam --sam_interval 2" --output_dir runs/multi30k --name multi30k
+        --config cheap="--sam_method xsam --sam_start_ratio 0.5 --sam_interval 2 --sam_reuse true" \\
+        --output_dir runs/multi30k --name multi30k
 """
 
 from __future__ import annotations
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     alpha_max = float(extra[extra.index("--alpha_max") + 1]) if "--alpha_max" in extra else 2.0
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "benchmarks/translation_study.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "benchmarks/translation_study.py", *(argv if argv is not None else sys.argv[1:])])
     # seed by seed, every rho and configuration in turn: an interrupted study has fewer seeds, not fewer cells
     settings: dict[str, dict] = {}
     for seed, rho, config in itertools.product(options.seeds, options.rho, names):
