@@ -38,7 +38,7 @@ from transformers.utils import is_torch_bf16_gpu_available, logging
 from trl import SFTConfig, SFTTrainer
 
 from .config import XSAMConfig
-from .model_card import XSAM_TAGS, add_xsam_section
+from .model_card import add_xsam_section
 from .trainer import XSAMTrainerMixin
 
 __all__ = ["XSAMSFTConfig", "XSAMSFTTrainer"]
@@ -89,7 +89,8 @@ class XSAMSFTTrainer(XSAMTrainerMixin, SFTTrainer):
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **kwargs: Any
     ) -> None:
-        """The Trainer's model card with TRL's tags and the XSAM section, in place of TRL's card.
+        """The Trainer's model card with TRL's tags, the step rule's tags and the XSAM section (as
+        :meth:`XSAMTrainerMixin.create_model_card`), in place of TRL's card.
 
         TRL's card names a base model even for a model trained from scratch and carries no results; the Trainer's
         names the base model when there is one (``finetuned_from``) and puts the evaluation results into the Hub
@@ -97,7 +98,7 @@ class XSAMSFTTrainer(XSAMTrainerMixin, SFTTrainer):
         ``dataset``.
         """
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in ("trl", "sft", *XSAM_TAGS) if tag not in tags]
+        tags += [tag for tag in ("trl", "sft", *self.args.step_rule.tags) if tag not in tags]
         kwargs.setdefault("dataset", dataset_name)
         Trainer.create_model_card(self, model_name=model_name, tags=tags, **kwargs)
         if self.is_world_process_zero():
