@@ -24,7 +24,15 @@ import transformers
 from datasets import DatasetDict, load_dataset
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
-from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_xsam import SaveOnInterruptCallback, TrainingInterrupted
@@ -377,11 +385,11 @@ def pick_splits(
     return splits
 
 
-def shared_tokenizer(training_args: TrainingArguments, train: Callable[[], Any]) -> Any:
+def shared_tokenizer(
+    training_args: TrainingArguments, train: Callable[[], PreTrainedTokenizerBase]
+) -> PreTrainedTokenizerBase:
     """A tokenizer trained by ``train()`` on the main process and saved in ``--output_dir``; the other processes load
     that copy, so that every process uses the same vocabulary."""
-    from transformers import AutoTokenizer
-
     with training_args.main_process_first(desc="training the tokenizer", local=False):
         if training_args.process_index == 0:
             tokenizer = train()
