@@ -9,12 +9,15 @@ from typing import Any
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
 from .engine import XSAM
+from .interrupt import SaveOnInterruptCallback, TrainingInterrupted
 from .plots import XSAMPlotCallback
 from .trainer import XSAMSeq2SeqTrainer, XSAMTrainer, XSAMTrainerMixin
 
 __all__ = [
     "XSAM",
     "XSAMConfig",
+    "SaveOnInterruptCallback",
+    "TrainingInterrupted",
     "XSAMPlotCallback",
     "XSAMSeq2SeqTrainer",
     "XSAMSeq2SeqTrainingArguments",

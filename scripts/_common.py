@@ -1,7 +1,9 @@
-"""What the hf_xsam example scripts share: parsing, logging, checkpoint detection, metrics and the Hub.
+"""What the hf_xsam example scripts share: the start of ``main()`` (parsing, checks, logging, the checkpoint to
+resume, the seed), loading data, the trainer, training and saving, the model card and the Hub, and the error
+contract (:func:`run`).
 
-Each script keeps the order of the transformers example scripts in its own ``main()``; this module only
-holds the steps that would otherwise be copied word for word between them.
+Each script keeps the order of the transformers example scripts in its own ``main()``; this module holds the steps
+that would otherwise be copied between them.
 """
 
 from __future__ import annotations
@@ -12,26 +14,47 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import datasets
 import transformers
+from datasets import DatasetDict, load_dataset
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
+
+from hf_xsam import SaveOnInterruptCallback, TrainingInterrupted
 
 __all__ = [
     "UsageError",
+    "RunError",
     "HubUnavailable",
     "run",
+    "start",
     "parse_arguments",
+    "check_output_dir",
     "from_hub",
     "setup_logging",
     "detect_last_checkpoint",
+    "load_data",
+    "pick_splits",
+    "shared_tokenizer",
+    "built_from_config",
+    "dataset_identity",
     "build_trainer",
+    "train_and_save",
     "save_model",
     "record_metrics",
     "finish",
@@ -61,27 +84,52 @@ class UsageError(ValueError):
     not there): :func:`run` prints it as one line and exits with status 2."""
 
 
-class HubUnavailable(RuntimeError):
-    """Something to load from the Hub that cannot be had: :func:`run` prints it as one line and exits with 1."""
+class RunError(RuntimeError):
+    """A run that cannot go on for a reason outside the command line (the Hub, the file system): :func:`run`
+    prints it as one line and exits with status 1."""
+
+
+class HubUnavailable(RunError):
+    """Something to load from the Hub that cannot be had."""
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a script's ``main()``; a :class:`UsageError` or :class:`HubUnavailable` ends it with one line on stderr.
+    """Run a script's ``main()``, ending a failure the user can fix with one line on stderr.
 
-    Under ``torchrun`` or ``accelerate launch`` only the process of rank 0 prints it; every process exits with the
-    same status. Any other exception keeps its traceback.
+    :class:`UsageError` exits with status 2, :class:`RunError` with 1, and Ctrl-C with 130, after the line that
+    names the checkpoint saved at the interrupted step (:class:`~hf_xsam.SaveOnInterruptCallback`) and how to
+    resume. Under ``torchrun`` or ``accelerate launch`` only the process of rank 0 prints; every process exits with
+    the same status. Any other exception keeps its traceback.
     """
     try:
         main()
     except UsageError as err:
         _refuse(str(err), status=2)
-    except HubUnavailable as err:
+    except RunError as err:
         _refuse(str(err), status=1)
+    except TrainingInterrupted as err:
+        _stop(
+            f"interrupted at step {err.step}; saved the checkpoint {err.checkpoint}. Resume with "
+            f"--resume_from_checkpoint {err.checkpoint}, or run the same command again: it resumes from the newest "
+            "checkpoint in --output_dir",
+            status=130,
+        )
+    except KeyboardInterrupt:
+        _stop("interrupted; nothing saved since the last checkpoint", status=130)
+
+
+def _say(message: str) -> None:
+    """Print ``<script>: message`` as one line on stderr, from the process of rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{os.path.basename(sys.argv[0])}: {' '.join(message.split())}", file=sys.stderr)
 
 
 def _refuse(message: str, status: int) -> NoReturn:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(message.split())}", file=sys.stderr)
+    _stop(f"error: {message}", status)
+
+
+def _stop(message: str, status: int) -> NoReturn:
+    _say(message)
     sys.exit(status)
 
 
@@ -102,10 +150,18 @@ def parse_arguments(
     ``embedded_defaults`` replace the dataclass defaults; options given explicitly still win (``--help`` shows
     the dataclass defaults and lists the embedded ones after the options).
 
-    Raises :class:`UsageError` (one line, naming the flag) for an unknown or abbreviated flag, an invalid value,
+    Warns in one line when ``accelerate launch`` was asked for several processes but started one, which then trains
+    alone. Raises :class:`UsageError` (one line, naming the flag) for an unknown or abbreviated flag, an invalid value,
     none of ``run_flags`` switched on, and a multi-process launch that transformers would not set up as data
     parallel (CPU without ``--use_cpu``).
     """
+    if "WORLD_SIZE" not in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ:
+        # accelerate's single-process launcher sets MASTER_ADDR only when asked for several processes or machines
+        _say(
+            "warning: accelerate launch was asked for several processes but started one (its --cpu flag and CPU "
+            "configs run a single process), which trains alone. For several CPU processes, launch with --config_file "
+            "scripts/accelerate_configs/multi_cpu.yaml and pass --use_cpu.",
+        )
     argv = list(sys.argv[1:] if argv is None else argv)
     parser.allow_abbrev = False  # `--model_name x` must not pass for --model_name_or_path
     parser.error = _raise_usage_error  # one line instead of the usage dump, see `run`
@@ -135,6 +191,52 @@ def parse_arguments(
             "data parallel training only with --use_cpu. Pass --use_cpu, or launch a single process."
         )
     return parsed
+
+
+def start(
+    parser: HfArgumentParser,
+    data_and_model_options: set[str],
+    embedded_defaults: dict[str, Any],
+    script_logger: logging.Logger,
+    run_flags: Sequence[str] = ("do_train", "do_eval"),
+) -> tuple[Any, ...]:
+    """Steps 1 to 4 of a script: parse (:func:`parse_arguments`), check that ``--output_dir`` can be written and that
+    ``--resume_from_checkpoint`` is there, set up logging, find the checkpoint to resume from, seed.
+
+    Returns the parsed dataclasses followed by the checkpoint to resume from (or None).
+    """
+    parsed = parse_arguments(parser, data_and_model_options, embedded_defaults, run_flags=run_flags)
+    training_args = next(each for each in parsed if isinstance(each, TrainingArguments))
+    check_output_dir(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and not os.path.isdir(resume):
+        raise UsageError(f"--resume_from_checkpoint {resume!r} is not a folder (a checkpoint-<step> folder)")
+    setup_logging(training_args, script_logger)
+    script_logger.info(f"Training/evaluation parameters {training_args}")
+    last_checkpoint = detect_last_checkpoint(training_args)
+    set_seed(training_args.seed)
+    return (*parsed, last_checkpoint)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Check, before anything is trained, that ``output_dir`` is a folder this process can write, or can create.
+
+    Raises :class:`UsageError` when it (or a part of its path) is a file, :class:`RunError` when it cannot be written.
+    """
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == os.path.abspath(output_dir) else f"lies under the file {existing!r}"
+        raise UsageError(f"--output_dir {output_dir!r} {what}, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RunError(
+            f"--output_dir {output_dir!r}: cannot write in {existing!r} ({err.strerror}); nothing has been trained. "
+            "Pass a folder you can write."
+        ) from err
 
 
 def _parse(
@@ -242,20 +344,107 @@ def detect_last_checkpoint(training_args: TrainingArguments) -> str | None:
     return last_checkpoint
 
 
+def load_data(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    files: dict[str, str | None],
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> DatasetDict:
+    """A dataset from the Hub, or local files by split (parquet, else JSON lines, by the first file's extension).
+
+    Raises :class:`HubUnavailable` when the Hub cannot deliver, :class:`UsageError` for a file that is not there.
+    """
+    if dataset_name is not None:
+        with from_hub(f"the dataset {dataset_name!r}"):
+            return load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+    files = {split: path for split, path in files.items() if path}
+    for split, path in files.items():
+        if not os.path.isfile(path):
+            flag = "--train_file" if split == "train" else f"--{split}_file"
+            raise UsageError(f"{flag} {path!r} does not exist")
+    builder = "parquet" if next(iter(files.values())).endswith(".parquet") else "json"
+    return load_dataset(builder, data_files=files, cache_dir=cache_dir)
+
+
+def pick_splits(
+    data: DatasetDict, training_args: TrainingArguments, wanted: dict[str, tuple[str, str, int | None]]
+) -> dict[str, datasets.Dataset]:
+    """The splits the run needs, each cut to its first ``limit`` rows.
+
+    ``wanted`` maps a role (``"train"``) to the split's name in ``data``, the flag that needs it (``"do_train"``) and
+    the limit (None: all); roles whose flag is off are left out. A missing split is a :class:`UsageError`.
+    """
+    splits = {}
+    for role, (name, flag, limit) in wanted.items():
+        if not getattr(training_args, flag):
+            continue
+        if name not in data:
+            raise UsageError(f"--{flag} needs a {name!r} split; the data has {', '.join(data)}")
+        splits[role] = data[name] if limit is None else data[name].select(range(min(limit, len(data[name]))))
+    return splits
+
+
+def shared_tokenizer(
+    training_args: TrainingArguments, train: Callable[[], PreTrainedTokenizerBase]
+) -> PreTrainedTokenizerBase:
+    """A tokenizer trained by ``train()`` on the main process and saved in ``--output_dir``; the other processes load
+    that copy, so that every process uses the same vocabulary."""
+    with training_args.main_process_first(desc="training the tokenizer", local=False):
+        if training_args.process_index == 0:
+            tokenizer = train()
+            tokenizer.save_pretrained(training_args.output_dir)
+            return tokenizer
+        return AutoTokenizer.from_pretrained(training_args.output_dir)
+
+
+def built_from_config(model: PreTrainedModel, training_args: TrainingArguments, what: str) -> PreTrainedModel:
+    """Mark ``model``, built from a config, as trained from scratch, and log its size."""
+    # the Trainer's card calls a model "fine-tuned from" its name unless the name is a folder
+    model.config._name_or_path = training_args.output_dir
+    logger.info(f"Built {what} from a config: {model.num_parameters():,} parameters")
+    return model
+
+
+def dataset_identity(
+    embedded: tuple[str, str] | None, dataset_name: str | None, paths: Sequence[str | None], local_type: str
+) -> tuple[str, str]:
+    """The dataset's name and type for the model card's metadata (``model-index``): ``embedded`` (name, type) for
+    the script's own data, else the Hub id, else the first local file or folder and ``local_type``."""
+    if embedded is not None:
+        return embedded
+    if dataset_name is not None:
+        return dataset_name, dataset_name
+    return os.path.basename(os.path.normpath(next(path for path in paths if path))), local_type
+
+
 def build_trainer(trainer_class: type[Trainer], **kwargs: Any) -> Trainer:
-    """``trainer_class(**kwargs)``, explaining a failure to create the Hub repository (``--push_to_hub``).
+    """``trainer_class(**kwargs)`` with :class:`~hf_xsam.SaveOnInterruptCallback`, explaining a failure to create
+    the Hub repository (``--push_to_hub``).
 
     The Trainer creates the repository when it is built, so an offline machine or a missing token stops the
     run before any training.
     """
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SaveOnInterruptCallback()]
     try:
         return trainer_class(**kwargs)
     except HUB_ERRORS as err:
-        raise RuntimeError(
+        raise RunError(
             f"--push_to_hub: creating the Hub repository failed ({type(err).__name__}: {err}); nothing has been "
             "trained yet. Log in (`hf auth login`) and check the connection, or run without --push_to_hub and "
             "upload --output_dir later with `hf upload`."
         ) from err
+
+
+def train_and_save(
+    trainer: Trainer, last_checkpoint: str | None, num_samples: int, extra_metrics: dict[str, Any] | None = None
+) -> None:
+    """Train (resuming from ``last_checkpoint``), save the model and its processor, the train metrics (with
+    ``extra_metrics``) and the trainer state."""
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    save_model(trainer)
+    record_metrics(trainer, "train", {**train_result.metrics, **(extra_metrics or {})}, num_samples)
+    trainer.save_state()
 
 
 def save_model(trainer: Trainer) -> None:
@@ -290,7 +479,7 @@ def finish(trainer: Trainer, **card_kwargs: Any) -> None:
     try:
         trainer.push_to_hub(**card_kwargs)
     except HUB_ERRORS as err:
-        raise RuntimeError(
+        raise RunError(
             f"Pushing to the Hub failed ({type(err).__name__}: {err}). The model, its processor, the metrics and "
             f"the model card are saved in {os.path.abspath(args.output_dir)}; upload them later with "
             f"`hf upload {trainer.hub_model_id or Path(args.output_dir).name} {args.output_dir}` once online and "

@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image as PILImage
 from PIL import ImageOps
 from transformers import (
@@ -38,23 +39,24 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
+    TrainerCallback,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessorPil,
-    set_seed,
 )
 
 from _common import (
     UsageError,
     build_trainer,
-    detect_last_checkpoint,
+    built_from_config,
+    dataset_identity,
     finish,
     from_hub,
-    parse_arguments,
+    load_data,
     record_metrics,
     run,
-    save_model,
-    setup_logging,
+    start,
+    train_and_save,
 )
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from label_noise import add_label_noise
@@ -183,22 +185,32 @@ def digits_dataset(num_eval: int = 300, seed: int = 0) -> DatasetDict:
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
-def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
+def raw_images(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
     """The raw splits, from the embedded digits, the Hub, image folders or files."""
     if data_args.embedded:
         return digits_dataset(seed=seed)
-    if data_args.dataset_name is not None:
-        hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
-        with from_hub(f"the dataset {data_args.dataset_name!r}"):
-            return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     if data_args.train_dir or data_args.validation_dir:
         folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
-        files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder}
+        files = {split: image_files(split, folder) for split, folder in folders.items() if folder}
         return load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
     files = {"train": data_args.train_file, "validation": data_args.validation_file}
-    files = {split: path for split, path in files.items() if path}
-    builder = "parquet" if next(iter(files.values())).endswith(".parquet") else "json"
-    return load_dataset(builder, data_files=files, cache_dir=model_args.cache_dir)
+    return load_data(
+        data_args.dataset_name, data_args.dataset_config_name, files, model_args.cache_dir, model_args.token
+    )
+
+
+def image_files(split: str, folder: str) -> str:
+    """The glob of ``folder``'s images for the ``imagefolder`` loader, once the folder is found to hold some."""
+    flag = "--train_dir" if split == "train" else "--validation_dir"
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {folder!r} is not a folder")
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    if not any(os.path.splitext(name)[1].lower() in extensions for _, _, names in os.walk(folder) for name in names):
+        raise UsageError(
+            f"{flag} {folder!r} holds no images: it must hold one subfolder per class with image files (.png, .jpg, "
+            "...) in them"
+        )
+    return os.path.join(folder, "**")
 
 
 def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> DatasetDict:
@@ -232,34 +244,63 @@ def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> Dat
     return dataset
 
 
-def random_resized_crop(image: PILImage.Image, min_scale: float) -> PILImage.Image:
+def random_resized_crop(image: PILImage.Image, min_scale: float, rng: random.Random) -> PILImage.Image:
     """A random crop of ``min_scale`` to all of the area, aspect ratio 3/4 to 4/3, resized back to the image size."""
     width, height = image.size
-    area = width * height * random.uniform(min_scale, 1.0)
-    ratio = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
+    area = width * height * rng.uniform(min_scale, 1.0)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
     crop_w = min(width, np.sqrt(area * ratio))
     crop_h = min(height, np.sqrt(area / ratio))
-    left, top = random.uniform(0, width - crop_w), random.uniform(0, height - crop_h)
+    left, top = rng.uniform(0, width - crop_w), rng.uniform(0, height - crop_h)
     return image.resize(image.size, PILImage.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
 
 
+class EpochSeededImages(torch.utils.data.Dataset):
+    """Training images through ``transform(rows, rngs)``, each drawing its augmentation from a generator of its own,
+    seeded by (seed, epoch, index).
+
+    A run resumed from a checkpoint then crops and flips every image as the uninterrupted run does. Python's global
+    ``random`` would not, with this Trainer or the plain one: the dataloader fetches (and augments) the batch after
+    the checkpoint before the checkpoint saves the random state, and on resume the Trainer restores that state only
+    after fetching that batch, so the batch draws from the freshly seeded state instead. :class:`FollowEpoch` keeps
+    ``epoch`` current.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[..., dict[str, Any]], seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        rngs = [random.Random(f"{self.seed}/{self.epoch}/{index}") for index in indices]
+        batch = self.transform(self.dataset[indices], rngs)
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+
+class FollowEpoch(TrainerCallback):
+    """Tells :class:`EpochSeededImages` the epoch that starts (also the one a resumed run starts in)."""
+
+    def __init__(self, images: EpochSeededImages):
+        self.images = images
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.images.epoch = int(state.epoch or 0)
+
+
 def main() -> None:
-    # 1. Parse
+    # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMTrainingArguments))
-    model_args, data_args, training_args = parse_arguments(parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS)
-
-    # 2. Logging
-    setup_logging(training_args, logger)
-    logger.info(f"Training/evaluation parameters {training_args}")
-
-    # 3. Last checkpoint
-    last_checkpoint = detect_last_checkpoint(training_args)
-
-    # 4. Seed
-    set_seed(training_args.seed)
+    model_args, data_args, training_args, last_checkpoint = start(
+        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger
+    )
 
     # 5. Data
-    dataset = check_columns(load_data(data_args, model_args, training_args.seed), data_args)
+    dataset = check_columns(raw_images(data_args, model_args, training_args.seed), data_args)
     if "validation" not in dataset and "train" in dataset and data_args.train_val_split > 0:
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=training_args.seed)
         dataset = DatasetDict(train=split["train"], validation=split["test"])
@@ -284,12 +325,9 @@ def main() -> None:
             id2label=id2label,
             label2id=label2id,
         )
-        model = ViTForImageClassification(config)
-        # the Trainer's card calls a model "fine-tuned from" its name unless the name is a folder
-        model.config._name_or_path = training_args.output_dir
+        model = built_from_config(ViTForImageClassification(config), training_args, "a ViT")
         size = {"height": model_args.image_size, "width": model_args.image_size}
         image_processor = ViTImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        logger.info(f"Built a ViT from a config: {model.num_parameters():,} parameters")
     else:
         hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
         with from_hub(f"the model {model_args.model_name_or_path!r}"):
@@ -317,20 +355,21 @@ def main() -> None:
         with from_hub(f"the image processor {processor_name!r}"):
             image_processor = AutoImageProcessor.from_pretrained(processor_name, backend="pil", **hub)
 
-    # 7. Preprocessing: Pillow augmentation (`random`, which the Trainer seeds, also in dataloader workers), then
-    # the image processor (resize, rescale, normalise)
+    # 7. Preprocessing: Pillow augmentation of the training images (one generator per image, see
+    # EpochSeededImages), then the image processor (resize, rescale, normalise)
     image_column, label_column = data_args.image_column_name, data_args.label_column_name
 
-    def augment(image: PILImage.Image) -> PILImage.Image:
+    def augment(image: PILImage.Image, rng: random.Random) -> PILImage.Image:
         if data_args.min_crop_scale < 1:
-            image = random_resized_crop(image, data_args.min_crop_scale)
-        if data_args.horizontal_flip and random.random() < 0.5:
+            image = random_resized_crop(image, data_args.min_crop_scale, rng)
+        if data_args.horizontal_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         return image
 
-    def transform(batch: dict[str, list], train: bool) -> dict[str, Any]:
+    def transform(batch: dict[str, list], rngs: list[random.Random] | None = None) -> dict[str, Any]:
         images = [image.convert("RGB") for image in batch[image_column]]
-        images = [augment(image) for image in images] if train else images
+        if rngs is not None:
+            images = [augment(image, rng) for image, rng in zip(images, rngs)]
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": batch[label_column]}
 
@@ -344,7 +383,8 @@ def main() -> None:
                 dataset[split] = add_label_noise(
                     dataset[split], label_column, data_args.label_noise, data_args.label_noise_seed
                 )
-            dataset[split].set_transform(partial(transform, train=split == "train"))
+            if split != "train":
+                dataset[split].set_transform(transform)
     training_args.remove_unused_columns = False  # the transforms need the image column, unknown to the model
 
     # 8. Collator and metrics
@@ -361,12 +401,16 @@ def main() -> None:
     eval_dataset = dataset["validation"] if training_args.do_eval else None
     if data_args.eval_train_samples > 0 and eval_dataset is not None and training_args.do_train:
         seen = dataset["train"].select(range(min(data_args.eval_train_samples, len(dataset["train"]))))
-        eval_dataset = {"validation": eval_dataset, "train": seen.with_transform(partial(transform, train=False))}
+        eval_dataset = {"validation": eval_dataset, "train": seen.with_transform(transform)}
+    train_images = (
+        EpochSeededImages(dataset["train"], transform, training_args.seed) if training_args.do_train else None
+    )
     trainer = build_trainer(
         XSAMTrainer,
         model=model,
         args=training_args,
-        train_dataset=dataset["train"] if training_args.do_train else None,
+        train_dataset=train_images,
+        callbacks=[FollowEpoch(train_images)] if train_images is not None else None,
         eval_dataset=eval_dataset,
         compute_metrics=compute_metrics,
         processing_class=image_processor,
@@ -375,18 +419,20 @@ def main() -> None:
 
     # 10. Train and evaluate
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        save_model(trainer)  # also saves the image processor
-        if data_args.label_noise > 0:
-            train_result.metrics.update(label_noise=data_args.label_noise, label_noise_seed=data_args.label_noise_seed)
-        record_metrics(trainer, "train", train_result.metrics, len(dataset["train"]))
-        trainer.save_state()
+        noise = {"label_noise": data_args.label_noise, "label_noise_seed": data_args.label_noise_seed}
+        train_and_save(trainer, last_checkpoint, len(dataset["train"]), noise if data_args.label_noise > 0 else None)
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         record_metrics(trainer, "eval", trainer.evaluate(dataset["validation"]), len(dataset["validation"]))
 
     # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
-    dataset_name, dataset_type = dataset_identity(data_args)
+    embedded = (EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE) if data_args.embedded else None
+    folders = (data_args.train_dir, data_args.validation_dir)
+    files = (data_args.train_file, data_args.validation_file)
+    local_type = (
+        "imagefolder" if any(folders) else "parquet" if str(files[0] or files[1]).endswith(".parquet") else "json"
+    )
+    dataset_name, dataset_type = dataset_identity(embedded, data_args.dataset_name, folders + files, local_type)
     if data_args.label_noise > 0:
         dataset_name = (
             f"{dataset_name or 'local files'} with {data_args.label_noise:.0%} symmetric label noise "
@@ -401,18 +447,6 @@ def main() -> None:
         dataset_args=data_args.dataset_config_name,
         tags=["image-classification", "vision"],
     )
-
-
-def dataset_identity(data_args: DataTrainingArguments) -> tuple[str, str]:
-    """The dataset's name and type for the model card: the Hub id, or what the local data are and how they load."""
-    if data_args.embedded:
-        return EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE
-    if data_args.dataset_name is not None:
-        return data_args.dataset_name, data_args.dataset_name
-    if data_args.train_dir or data_args.validation_dir:
-        return os.path.basename(os.path.normpath(data_args.train_dir or data_args.validation_dir)), "imagefolder"
-    path = data_args.train_file or data_args.validation_file
-    return os.path.basename(path), "parquet" if path.endswith(".parquet") else "json"
 
 
 if __name__ == "__main__":

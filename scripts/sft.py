@@ -25,10 +25,10 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+import transformers.modelcard
+from datasets import Dataset, DatasetDict
 from num2words import num2words
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
@@ -40,28 +40,39 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    set_seed,
 )
 from trl import ModelConfig, get_peft_config
 from trl.data_utils import is_conversational
 
 from _common import (
+    UsageError,
     build_trainer,
-    detect_last_checkpoint,
+    built_from_config,
+    dataset_identity,
     finish,
-    parse_arguments,
+    from_hub,
+    load_data,
+    pick_splits,
     record_metrics,
     run,
-    save_model,
-    setup_logging,
+    shared_tokenizer,
+    start,
+    train_and_save,
 )
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
 
 logger = logging.getLogger(__name__)
 
+# The Trainer's card keeps a result in the Hub metadata (`model-index`) only for the metrics it has a name for:
+# without this, the exact match of every card would be dropped.
+if "exact_match" not in transformers.modelcard.METRIC_TAGS:
+    transformers.modelcard.METRIC_TAGS.append("exact_match")
+
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 # without any of these options the script runs on its embedded instructions and model, with EMBEDDED_DEFAULTS
 DATA_AND_MODEL_OPTIONS = {"model_name_or_path", "dataset_name", "train_file", "validation_file"}
+EMBEDDED_DATASET = "num2words instructions (generated)"
+EMBEDDED_DATASET_TYPE = "num2words-instructions"  # not a Hub dataset: the model-index needs a type, this one names it
 EMBEDDED_DEFAULTS = {
     "output_dir": "xsam-llama-number-words",
     "do_train": True,
@@ -230,81 +241,63 @@ def exact_match(
 
 
 def main() -> None:
-    # 1. Parse
+    # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSFTConfig))
-    model_args, data_args, training_args = parse_arguments(parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS)
-
-    # 2. Logging
-    setup_logging(training_args, logger)
-    logger.info(f"Training/evaluation parameters {training_args}")
-
-    # 3. Last checkpoint
-    last_checkpoint = detect_last_checkpoint(training_args)
-
-    # 4. Seed
-    set_seed(training_args.seed)
+    model_args, data_args, training_args, last_checkpoint = start(
+        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger
+    )
 
     # 5. Data
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     if data_args.embedded:
         raw = number_instructions(data_args.num_embedded_train, data_args.num_embedded_eval, seed=training_args.seed)
         names = {"train": "train", "validation": "validation"}
-    elif data_args.dataset_name is not None:
-        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
-        names = {"train": data_args.dataset_train_split, "validation": data_args.dataset_test_split}
     else:
         files = {"train": data_args.train_file, "validation": data_args.validation_file}
-        raw = load_dataset("json", data_files={k: v for k, v in files.items() if v}, **hub)
-        names = {"train": "train", "validation": "validation"}
-    wanted = {"train": "do_train", "validation": "do_eval"}
-    splits = {}
-    for split, flag in wanted.items():
-        if not getattr(training_args, flag):
-            continue
-        if names[split] not in raw:
-            raise ValueError(f"--{flag} needs a {names[split]!r} split; the data has {', '.join(raw)}")
-        splits[split] = raw[names[split]]
-    if not splits:
-        raise ValueError("Nothing to do: pass --do_train and/or --do_eval")
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    splits = {k: v.select(range(min(len(v), limits[k]))) if limits[k] is not None else v for k, v in splits.items()}
+        raw = load_data(data_args.dataset_name, data_args.dataset_config_name, files, **hub)
+        if data_args.dataset_name is not None:
+            names = {"train": data_args.dataset_train_split, "validation": data_args.dataset_test_split}
+        else:
+            names = {"train": "train", "validation": "validation"}
+    wanted = {
+        "train": (names["train"], "do_train", data_args.max_train_samples),
+        "validation": (names["validation"], "do_eval", data_args.max_eval_samples),
+    }
+    splits = pick_splits(raw, training_args, wanted)
 
     # 6. Model and tokenizer
     max_length = training_args.max_length or 1024
     if model_args.model_name_or_path is None:
         tokenizer_source = model_args.tokenizer_name or last_checkpoint
         if tokenizer_source is not None:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub)
+            with from_hub(f"the tokenizer {tokenizer_source!r}"):
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub)
         elif "train" not in splits:
-            raise ValueError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
+            raise UsageError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
         elif is_conversational(splits["train"][0]):
-            raise ValueError(
+            raise UsageError(
                 "Chat data needs a tokenizer with a chat template: pass --model_name_or_path (or --tokenizer_name), "
                 "or use prompt/completion or text data to train from scratch"
             )
         else:
-            # one process trains it, the others load its copy: every process must use the same vocabulary
-            with training_args.main_process_first(desc="training the tokenizer", local=False):
-                if training_args.process_index == 0:
-                    texts = training_texts(splits["train"], training_args.dataset_text_field)
-                    tokenizer = train_tokenizer(texts, model_args.vocab_size, max_length)
-                    tokenizer.save_pretrained(training_args.output_dir)
-                else:
-                    tokenizer = AutoTokenizer.from_pretrained(training_args.output_dir)
-        model = scratch_model(model_args, tokenizer, max_length)
-        # the card calls a model "fine-tuned from" its name unless the name is a folder
-        model.config._name_or_path = training_args.output_dir
-        logger.info(f"Built a Llama model from a config: {model.num_parameters():,} parameters")
+            texts = training_texts(splits["train"], training_args.dataset_text_field)
+            tokenizer = shared_tokenizer(
+                training_args, lambda: train_tokenizer(texts, model_args.vocab_size, max_length)
+            )
+        model = built_from_config(scratch_model(model_args, tokenizer, max_length), training_args, "a Llama model")
     else:
         hub["revision"] = model_args.model_revision
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path,
-            dtype=model_args.dtype,
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=training_args.trust_remote_code,
-            **hub,
-        )
+        with from_hub(f"the model {model_args.model_name_or_path!r}"):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_args.model_name_or_path,
+                dtype=model_args.dtype,
+                attn_implementation=model_args.attn_implementation,
+                trust_remote_code=training_args.trust_remote_code,
+                **hub,
+            )
+        tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
+        with from_hub(f"the tokenizer {tokenizer_name!r}"):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, **hub)
     peft_config = get_peft_config(model_args)
 
     # 7-9. Preprocessing, collator and trainer: SFTTrainer tokenizes, masks prompts and packs itself
@@ -322,10 +315,7 @@ def main() -> None:
 
     # 10. Train and evaluate
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        save_model(trainer)  # also saves the tokenizer
-        record_metrics(trainer, "train", train_result.metrics, len(splits["train"]))
-        trainer.save_state()
+        train_and_save(trainer, last_checkpoint, len(splits["train"]))
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         validation = splits["validation"]
@@ -339,11 +329,25 @@ def main() -> None:
                 training_args.per_device_eval_batch_size,
                 data_args.max_new_tokens,
             )
+            # the card reads the evaluation from the log history, where `evaluate` put the other metrics
+            trainer.state.log_history[-1]["eval_exact_match"] = metrics["eval_exact_match"]
         record_metrics(trainer, "eval", metrics, len(validation))
 
-    # 11. Model card and push
-    # TRL's card links the dataset name to the Hub: only a Hub dataset has a name there
-    finish(trainer, model_name=Path(training_args.output_dir).name, dataset_name=data_args.dataset_name)
+    # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
+    dataset_name, dataset_type = dataset_identity(
+        (EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE) if data_args.embedded else None,
+        data_args.dataset_name,
+        (data_args.train_file, data_args.validation_file),
+        "json",
+    )
+    finish(
+        trainer,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="text-generation",
+        dataset=dataset_name,
+        dataset_tags=dataset_type,
+        dataset_args=data_args.dataset_config_name,
+    )
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import sacrebleu
 import transformers.modelcard
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from num2words import num2words
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -46,20 +47,22 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
-    set_seed,
 )
 
 from _common import (
     UsageError,
     build_trainer,
-    detect_last_checkpoint,
+    built_from_config,
+    dataset_identity,
     finish,
     from_hub,
-    parse_arguments,
+    load_data,
+    pick_splits,
     record_metrics,
     run,
-    save_model,
-    setup_logging,
+    shared_tokenizer,
+    start,
+    train_and_save,
 )
 from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments
 
@@ -182,6 +185,12 @@ class DataTrainingArguments:
             raise ValueError("Give either --dataset_name or --train_file/--validation_file, not both")
         if self.val_max_target_length is None:
             self.val_max_target_length = self.max_target_length
+        if self.embedded:
+            self.source_lang, self.target_lang = self.source_lang or "en", self.target_lang or "fr"
+        elif self.source_lang is None or self.target_lang is None:
+            raise ValueError(
+                "Pass --source_lang and --target_lang: the keys of the `translation` dicts, e.g. en and fr"
+            )
 
     @property
     def embedded(self) -> bool:
@@ -211,7 +220,7 @@ def number_corpus(num_train: int, num_eval: int, seed: int = 0) -> DatasetDict:
     )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
     """A BPE tokenizer (SentencePiece-style spaces, punctuation split off) trained on ``texts``; every sequence
     ends with ``</s>``."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -310,26 +319,11 @@ def set_language_codes(
 
 
 def main() -> None:
-    # 1. Parse
+    # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSeq2SeqTrainingArguments))
-    model_args, data_args, training_args = parse_arguments(
-        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, run_flags=RUN_FLAGS
+    model_args, data_args, training_args, last_checkpoint = start(
+        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger, run_flags=RUN_FLAGS
     )
-    if data_args.embedded:
-        data_args.source_lang = data_args.source_lang or "en"
-        data_args.target_lang = data_args.target_lang or "fr"
-    elif data_args.source_lang is None or data_args.target_lang is None:
-        raise UsageError("Pass --source_lang and --target_lang: the keys of the `translation` dicts, e.g. en and fr")
-
-    # 2. Logging
-    setup_logging(training_args, logger)
-    logger.info(f"Training/evaluation parameters {training_args}")
-
-    # 3. Last checkpoint
-    last_checkpoint = detect_last_checkpoint(training_args)
-
-    # 4. Seed
-    set_seed(training_args.seed)
 
     # 5. Data
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
@@ -337,23 +331,15 @@ def main() -> None:
         raw_datasets = number_corpus(
             data_args.num_embedded_train, data_args.num_embedded_eval, seed=training_args.seed
         )
-    elif data_args.dataset_name is not None:
-        with from_hub(f"the dataset {data_args.dataset_name!r}"):
-            raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
     else:
         files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
-        raw_datasets = load_dataset("json", data_files={k: v for k, v in files.items() if v}, **hub)
-    wanted = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
-    splits = {split: raw_datasets.get(split) for split, flag in wanted.items() if getattr(training_args, flag)}
-    for split, dataset in splits.items():
-        if dataset is None:
-            raise UsageError(f"--{wanted[split]} needs a {split!r} split; the data has {', '.join(raw_datasets)}")
-    limits = {
-        "train": data_args.max_train_samples,
-        "validation": data_args.max_eval_samples,
-        "test": data_args.max_predict_samples,
+        raw_datasets = load_data(data_args.dataset_name, data_args.dataset_config_name, files, **hub)
+    wanted = {
+        "train": ("train", "do_train", data_args.max_train_samples),
+        "validation": ("validation", "do_eval", data_args.max_eval_samples),
+        "test": ("test", "do_predict", data_args.max_predict_samples),
     }
-    splits = {k: v.select(range(min(len(v), limits[k]))) if limits[k] is not None else v for k, v in splits.items()}
+    splits = pick_splits(raw_datasets, training_args, wanted)
     source_key, target_key, column = language_keys(next(iter(splits.values())), data_args)
 
     def pairs(batch: dict[str, list]) -> tuple[list[str], list[str]]:
@@ -372,20 +358,14 @@ def main() -> None:
         elif "train" not in splits:
             raise UsageError("Training from scratch (no --model_name_or_path) needs --do_train and training data")
         else:
-            # one process trains it, the others load its copy: every process must use the same vocabulary
-            with training_args.main_process_first(desc="training the tokenizer", local=False):
-                if training_args.process_index == 0:
-                    batches = splits["train"].iter(batch_size=1000)
-                    texts = [text for batch in batches for side in pairs(batch) for text in side]
-                    tokenizer = train_tokenizer(texts, model_args.vocab_size, max_length)
-                    tokenizer.save_pretrained(training_args.output_dir)
-                else:
-                    tokenizer = AutoTokenizer.from_pretrained(training_args.output_dir)
+            # a generator: only the process that trains the tokenizer reads the texts
+            texts = (text for batch in splits["train"].iter(batch_size=1000) for side in pairs(batch) for text in side)
+            tokenizer = shared_tokenizer(
+                training_args, lambda: train_tokenizer(texts, model_args.vocab_size, max_length)
+            )
         model = scratch_model(model_args, tokenizer, max_length)
         model.generation_config.max_length = data_args.val_max_target_length
-        # the Trainer's card calls a model "fine-tuned from" its name unless the name is a folder
-        model.config._name_or_path = training_args.output_dir
-        logger.info(f"Built a {model_args.model_type} model from a config: {model.num_parameters():,} parameters")
+        built_from_config(model, training_args, f"a {model_args.model_type} model")
     else:
         hub["revision"] = model_args.model_revision
         with from_hub(f"the model {model_args.model_name_or_path!r}"):
@@ -476,10 +456,7 @@ def main() -> None:
         "num_beams": data_args.num_beams or training_args.generation_num_beams,
     }
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        save_model(trainer)  # also saves the tokenizer
-        record_metrics(trainer, "train", train_result.metrics, len(tokenized["train"]))
-        trainer.save_state()
+        train_and_save(trainer, last_checkpoint, len(tokenized["train"]))
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate(metric_key_prefix="eval", **generation)
@@ -495,13 +472,12 @@ def main() -> None:
                 f.write("\n".join(line.strip() for line in lines) + "\n")
 
     # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
-    if data_args.embedded:
-        dataset_name, dataset_type = EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE
-    elif data_args.dataset_name is not None:
-        dataset_name = dataset_type = data_args.dataset_name
-    else:
-        dataset_name = os.path.basename(data_args.train_file or data_args.validation_file or data_args.test_file)
-        dataset_type = "json"
+    dataset_name, dataset_type = dataset_identity(
+        (EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE) if data_args.embedded else None,
+        data_args.dataset_name,
+        (data_args.train_file, data_args.validation_file, data_args.test_file),
+        "json",
+    )
     finish(
         trainer,
         finetuned_from=model_args.model_name_or_path,

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import SequentialSampler
 from transformers import PretrainedConfig
 
-from hf_xsam import XSAMTrainer
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
 # a tiny ViT for the image-classification script's runs
 TINY_VIT = [
@@ -28,6 +28,13 @@ TINY_VIT = [
     "--intermediate_size",
     "32",
 ]
+
+
+def training_args(tmp_path, args_class=XSAMTrainingArguments, **settings):
+    """``args_class`` for a quiet one-process CPU run writing into ``tmp_path``: no reports, no progress bar, a log
+    every step and no checkpoints, unless ``settings`` (which win) say otherwise."""
+    quiet = dict(report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=1, save_strategy="no")
+    return args_class(**{"output_dir": str(tmp_path), **quiet, **settings})
 
 
 class TinyClassifier(nn.Module):

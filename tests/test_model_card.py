@@ -8,7 +8,8 @@ from datasets import Dataset
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_xsam import XSAMConfig, XSAMTrainer, XSAMTrainingArguments
+from helpers import training_args
+from hf_xsam import XSAMConfig, XSAMTrainer
 from hf_xsam.model_card import SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
 from hf_xsam.rules import SEARCH_SETTINGS
 
@@ -28,21 +29,10 @@ def tiny_trainer(tmp_path, **overrides):
         vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=2
     )
     data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6, 7, 8]] * 4, "labels": [0, 1] * 4})
-    settings = dict(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        save_strategy="no",
-        rho=0.07,
-        alpha_search_interval=2,
-    )
+    settings = dict(max_steps=4, per_device_train_batch_size=4, rho=0.07, alpha_search_interval=2)
     settings.update(overrides)
     trainer = XSAMTrainer(
-        model=BertForSequenceClassification(config), args=XSAMTrainingArguments(**settings), train_dataset=data
+        model=BertForSequenceClassification(config), args=training_args(tmp_path, **settings), train_dataset=data
     )
     trainer.train()
     return trainer

@@ -4,14 +4,11 @@ import torch
 from datasets import Dataset
 from transformers import MarianConfig, MarianMTModel, ViTConfig, ViTForImageClassification
 
-from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer, XSAMTrainingArguments
+from helpers import training_args
+from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer
 
 COMMON = dict(
-    report_to="none",
-    disable_tqdm=True,
-    use_cpu=True,
     logging_steps=5,
-    save_strategy="no",
     optim="adamw_torch",
     learning_rate=1e-2,
     lr_scheduler_type="constant",
@@ -40,7 +37,7 @@ def test_tiny_vit_learns(tmp_path):
         intermediate_size=64,
         num_labels=2,
     )
-    args = XSAMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=30, **COMMON)
+    args = training_args(tmp_path, per_device_train_batch_size=16, max_steps=30, **COMMON)
     torch.manual_seed(0)  # the initial weights, whatever ran before
     trainer = XSAMTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data)
     trainer.train()
@@ -69,8 +66,8 @@ def test_tiny_marian_learns_to_copy(tmp_path):
         decoder_start_token_id=0,
         forced_eos_token_id=2,
     )
-    args = XSAMSeq2SeqTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, ascent_steps=2, **COMMON
+    args = training_args(
+        tmp_path, XSAMSeq2SeqTrainingArguments, per_device_train_batch_size=16, max_steps=40, ascent_steps=2, **COMMON
     )
     torch.manual_seed(0)
     trainer = XSAMSeq2SeqTrainer(model=MarianMTModel(config), args=args, train_dataset=data)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, ViTConfig, ViTForImageClassification
 
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from helpers import training_args
+from hf_xsam import XSAMTrainer
 from hf_xsam.plots import ALPHA_PNG, ALPHA_SEARCH_PNG, XSAMPlotCallback, save_xsam_plots
 from landscape import plot_landscape
 
@@ -68,15 +69,7 @@ def tiny_trainer(tmp_path, **settings) -> XSAMTrainer:
     )
     torch.manual_seed(0)
     data = [{"pixel_values": torch.randn(1, 4, 4), "labels": torch.tensor(i % 2)} for i in range(8)]
-    args = XSAMTrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        **settings,
-    )
+    args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, **settings)
     return XSAMTrainer(model=ViTForImageClassification(config), args=args, train_dataset=data)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
-from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data, training_args
+from hf_xsam import XSAM, XSAMTrainer
 from reference import xsam_direction
 
 N, BATCH, LR = 12, 4, 0.5
@@ -15,23 +15,17 @@ N, BATCH, LR = 12, 4, 0.5
 
 def args_for(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
         learning_rate=LR,
         optim="sgd",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
         rho=0.2,
         alpha=1.3,
         alpha_search_interval=0,
     )
     settings.update(overrides)
-    return XSAMTrainingArguments(**settings)
+    return training_args(tmp_path, **settings)
 
 
 class WeightsAfterEachStep(TrainerCallback):

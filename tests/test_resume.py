@@ -20,8 +20,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from helpers import TinyClassifier, as_dataset, make_data
-from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
+from helpers import TinyClassifier, as_dataset, make_data, training_args
+from hf_xsam import XSAM, XSAMTrainer
 from hf_xsam.state import STATE_NAME, read_state_file, write_state_file
 
 SEQ2SEQ = dict(vocab_size=20, pad_token_id=0, decoder_start_token_id=0)
@@ -85,20 +85,15 @@ def dataset(kind):
 
 def args_for(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         learning_rate=0.05,
         max_steps=2,
         save_strategy="steps",
         save_steps=2,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
         rho=0.1,
-        logging_steps=1,
     )
     settings.update(overrides)
-    return XSAMTrainingArguments(**settings)
+    return training_args(tmp_path, **settings)
 
 
 class WeightsAtStart(TrainerCallback):

@@ -18,8 +18,9 @@ from helpers import (
     make_data,
     moved,
     routed_data,
+    training_args,
 )
-from hf_xsam import XSAM, XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer, XSAMTrainingArguments
+from hf_xsam import XSAM, XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer
 from reference import xsam_direction
 
 N, BATCH = 12, 4
@@ -27,22 +28,16 @@ N, BATCH = 12, 4
 
 def args_for(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
         learning_rate=0.1,
         optim="sgd",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
         rho=0.2,
         alpha_search_interval=0,
     )
     settings.update(overrides)
-    return XSAMTrainingArguments(**settings)
+    return training_args(tmp_path, **settings)
 
 
 class Snapshots(TrainerCallback):

@@ -23,6 +23,7 @@ from transformers import (
 )
 from trl import SFTConfig, TrlParser
 
+from helpers import training_args
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer, XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME
 
@@ -63,23 +64,17 @@ def tiny_llama(tokenizer, seed=0):
 
 def sft_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
         max_steps=3,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
         bf16=False,
         seed=3,
         rho=0.5,
         alpha_search_interval=1,
     )
     settings.update(overrides)
-    return XSAMSFTConfig(**settings)
+    return training_args(tmp_path, args_class=XSAMSFTConfig, **settings)
 
 
 class SequentialSFTTrainer(XSAMSFTTrainer):
@@ -347,6 +342,15 @@ def test_script_embedded_run_trains_evaluates_and_writes_the_card(tmp_path, monk
     card = ModelCard.load(out / "README.md")
     assert {"xsam", "sharpness-aware-minimization", "sft", "trl"} <= set(card.data.tags)
     assert "| alpha_search_interval | 2 |" in card.text
+    assert "trained from scratch" in card.text and card.data.base_model is None
+    assert "None" not in card.text.split("## Training with XSAM")[0] and "licence" not in card.content
+    (result,) = card.data.eval_results  # the exact match reaches the Hub metadata (model-index)
+    assert (result.task_type, result.dataset_type, result.metric_type) == (
+        "text-generation",
+        "num2words-instructions",
+        "exact_match",
+    )
+    assert result.metric_value == metrics["eval_exact_match"]
     assert (
         AutoTokenizer.from_pretrained(out).decode(AutoTokenizer.from_pretrained(out)("write 3,482")["input_ids"])
         == "write 3,482"
@@ -390,7 +394,9 @@ def test_script_fine_tunes_a_checkpoint_with_lora_on_json_lines(tmp_path, monkey
     )
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert "eval_exact_match" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert "| sam_method | sam |" in ModelCard.load(tmp_path / "out" / "README.md").text
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "| sam_method | sam |" in card.text
+    assert card.data.base_model == str(tmp_path / "ckpt")  # the model it was fine-tuned from
 
 
 CHAT_TEMPLATE = (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
+from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data, training_args
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME as XSAM_STATE_NAME
 from reference import gradient, orthogonal_part, reused_direction, xsam_direction
@@ -17,21 +17,15 @@ N, BATCH, STEPS, LR = 12, 4, 6, 0.5
 
 def xsam_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
         learning_rate=LR,
         optim="sgd",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
     )
     settings.update(overrides)
-    return XSAMTrainingArguments(**settings)
+    return training_args(tmp_path, **settings)
 
 
 def reference_run(

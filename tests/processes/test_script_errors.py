@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,63 @@ def one_line_refusal(result, script):
     return lines[0]
 
 
-def test_a_bad_value_is_one_line_naming_the_flag_and_what_is_allowed(tmp_path):
-    line = one_line_refusal(launch("classify_images.py", "--output_dir", tmp_path / "out", "--rho", "-1"),
-                            "classify_images.py")  # fmt: skip
-    assert line == "classify_images.py: error: Invalid --rho: -1.0; it must be a number > 0"
+@pytest.mark.parametrize("script", ["classify_images.py", "sft.py"])
+def test_a_bad_value_is_one_line_naming_the_flag_and_what_is_allowed(tmp_path, script):
+    line = one_line_refusal(launch(script, "--output_dir", tmp_path / "out", "--rho", "-1"), script)
+    assert line == f"{script}: error: Invalid --rho: -1.0; it must be a number > 0"  # no FutureWarning before it
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_checkpoint_to_resume_from_is_one_line(tmp_path):
+    result = launch("translate.py", "--output_dir", tmp_path / "out", "--resume_from_checkpoint", tmp_path / "nope")
+    line = one_line_refusal(result, "translate.py")
+    assert (
+        line
+        == f"translate.py: error: --resume_from_checkpoint '{tmp_path / 'nope'}' is not a folder (a checkpoint-<step> folder)"
+    )
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("")
+    line = one_line_refusal(launch("classify_images.py", "--output_dir", tmp_path / "taken"), "classify_images.py")
+    assert line == f"classify_images.py: error: --output_dir '{tmp_path / 'taken'}' is a file, not a folder"
+
+
+def writable(folder):
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def test_an_output_dir_that_cannot_be_written_stops_the_run_before_training(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if writable(folder):  # root writes anyway: take a folder the kernel refuses to everyone
+        folder = Path("/sys")
+        if not folder.is_dir() or writable(folder):
+            pytest.skip("no folder that this user cannot write")
+    result = launch("translate.py", "--output_dir", folder)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"translate.py: error: --output_dir '{folder}': cannot write in '{folder}' (")
+    assert line.endswith("nothing has been trained. Pass a folder you can write.")
+    assert "Traceback" not in result.stderr and "'loss'" not in result.stdout
+
+
+def test_a_train_dir_without_images_is_one_line(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no image here")
+    result = launch("classify_images.py", "--train_dir", tmp_path / "train", "--do_train", "--output_dir",
+                    tmp_path / "out", "--report_to", "none", "--use_cpu")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"classify_images.py: error: --train_dir '{tmp_path / 'train'}' holds no images: it must hold one subfolder "
+        "per class with image files (.png, .jpg, ...) in them"
+    )
 
 
 def test_an_unknown_choice_is_one_line_naming_the_flag_and_the_choices(tmp_path):
@@ -67,7 +120,7 @@ def test_model_or_data_flags_without_anything_to_do_are_refused(tmp_path, script
     assert not (tmp_path / "out").exists()  # no card claiming a fine-tune
 
 
-@pytest.mark.parametrize("script", ["classify_images.py", "translate.py"])
+@pytest.mark.parametrize("script", ["classify_images.py", "translate.py", "sft.py"])
 def test_a_model_missing_offline_is_one_message_naming_it(tmp_path, script):
     result = launch(script, "--model_name_or_path", "nobody-xyz/made-up-model", "--do_train", "--max_steps", "1",
                     "--output_dir", tmp_path / "out", "--report_to", "none", "--use_cpu")  # fmt: skip
@@ -104,3 +157,16 @@ def test_under_torchrun_a_refusal_is_printed_once(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("classify_images.py: error: Invalid --rho: -1.0") == 1, result.stderr[-3000:]
     assert "exitcode  : 2" in result.stderr  # both ranks stopped with status 2; torchrun reports the first
+
+
+def test_accelerate_asked_for_two_cpu_processes_but_starting_one_warns(tmp_path):
+    accelerate = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                  "--main_process_port", str(free_port()))  # fmt: skip
+    result = launch("translate.py", "--rho", "-1", "--output_dir", tmp_path, launcher=accelerate)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("translate.py: ")]
+    assert len(lines) == 2 and lines[1].startswith("translate.py: error: Invalid --rho"), result.stderr[-3000:]
+    assert lines[0].startswith(
+        "translate.py: warning: accelerate launch was asked for several processes but started one"
+    )
+    assert "scripts/accelerate_configs/multi_cpu.yaml" in lines[0]
