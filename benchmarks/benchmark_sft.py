@@ -150,8 +150,8 @@ def main() -> None:
         sizes = {
             "model_parameters": sum(p.numel() for p in peft_model.parameters()),
             "trainable_parameters": sum(p.numel() for p in trainable),
-            "xsam_saved_copy_elements": sum(buffer.numel() for buffer in engine._saved.values()),
-            "xsam_saved_copy_bytes": sum(buffer.nbytes for buffer in engine._saved.values()),
+            "xsam_saved_copy_elements": engine.buffer_elements()["saved"],
+            "xsam_saved_copy_bytes": sum(buffer.nbytes for buffer in engine.saved_weights()),
             "trainable_bytes": sum(p.nbytes for p in trainable),
         }
     medians = {name: statistics.median(values) for name, values in times.items()}

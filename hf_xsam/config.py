@@ -20,17 +20,28 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["XSAMConfig", "SAM_METHODS", "PERTURBATIONS", "ALPHA_SEARCHES", "MAX_SAM_EPS"]
+from .rules import STEP_RULES, StepRule
+from .search import SEARCHES
 
-SAM_METHODS = ("xsam", "sam", "none")
+__all__ = ["XSAMConfig", "SAM_METHODS", "PERTURBATIONS", "ALPHA_SEARCHES", "MAX_SAM_EPS", "MAX_GRID_POINTS"]
+
+SAM_METHODS = tuple(STEP_RULES)
 PERTURBATIONS = ("local", "global")
-ALPHA_SEARCHES = ("grid", "ternary")
+ALPHA_SEARCHES = tuple(SEARCHES)
 # An epsilon of this size or more is no longer negligible next to gradient norms and distorts theta.
 MAX_SAM_EPS = 1e-4
+# Each grid point costs one forward pass per search (grid search): more than this is a mistake, not a setting.
+MAX_GRID_POINTS = 1001
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (an int too large for a float is not one)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _integer(value: Any) -> bool:
@@ -39,7 +50,7 @@ def _integer(value: Any) -> bool:
 
 @dataclass
 class XSAMConfig:
-    """The settings of an XSAM step (see ``XSAM.md`` for the method)."""
+    """The settings of an XSAM step (the method: ``docs/method.md``; the step rules: :mod:`hf_xsam.rules`)."""
 
     sam_method: str = field(
         default="xsam",
@@ -80,6 +91,26 @@ class XSAMConfig:
     sam_interval: int = field(
         default=1,
         metadata={"help": "Take the sharpness-aware step every N optimizer steps and a plain step otherwise."},
+    )
+    sam_start_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the optimizer steps, at the start of training, taken as plain steps (counted as "
+            "a `warmup_steps` ratio counts them); sharpness-aware steps and the first alpha search start after."
+        },
+    )
+    sam_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "On the plain steps between sharpness-aware ones (`sam_interval` > 1), add to the gradient the "
+            "part of the last sharpness-aware direction orthogonal to that step's first gradient, rescaled to "
+            "the current gradient's norm times `sam_reuse_scale` (LookSAM's rule). One more parameter-sized "
+            "buffer, no extra pass."
+        },
+    )
+    sam_reuse_scale: float = field(
+        default=0.7,
+        metadata={"help": "With `sam_reuse`: the reused component's norm, as a multiple of the gradient's norm."},
     )
     sam_perturbation: str = field(
         default="local",
@@ -139,6 +170,19 @@ class XSAMConfig:
                 "an integer >= 1",
             ),
             (
+                "sam_start_ratio",
+                self.sam_start_ratio,
+                _number(self.sam_start_ratio) and 0 <= self.sam_start_ratio < 1,
+                "a number in [0, 1)",
+            ),
+            ("sam_reuse", self.sam_reuse, isinstance(self.sam_reuse, bool), "True or False"),
+            (
+                "sam_reuse_scale",
+                self.sam_reuse_scale,
+                _number(self.sam_reuse_scale) and self.sam_reuse_scale >= 0,
+                "a number >= 0",
+            ),
+            (
                 "sam_eps",
                 self.sam_eps,
                 _number(self.sam_eps) and 0 < self.sam_eps <= MAX_SAM_EPS,
@@ -148,6 +192,21 @@ class XSAMConfig:
         for name, value, valid, allowed in checks:
             if not valid:
                 raise ValueError(f"Invalid {name}: {value!r}; it must be {allowed}")
+        if not math.isfinite(self.search_radius):
+            raise ValueError(
+                f"Invalid rho / rho_max: {self.rho!r} / {self.rho_max!r} give an infinite search radius; use "
+                "finite radii (rho_max=None means 2 * rho)"
+            )
+        if self.alpha_max / self.alpha_step + 1 > MAX_GRID_POINTS:
+            raise ValueError(
+                f"Invalid alpha_max / alpha_step: {self.alpha_max!r} / {self.alpha_step!r} give a grid of more than "
+                f"{MAX_GRID_POINTS} points (each costs a forward pass per search); use a coarser alpha_step or a "
+                "smaller alpha_max"
+            )
+        if self.sam_reuse and self.sam_interval == 1 and self.step_rule.sharpness_aware:
+            raise ValueError(
+                "Invalid sam_reuse: True needs plain steps to reuse the direction on; set sam_interval >= 2"
+            )
         if self.searches_alpha and len(self.alpha_grid) < 2:
             raise ValueError(
                 f"Invalid alpha_max / alpha_step: {self.alpha_max!r} / {self.alpha_step!r} give a one-point search "
@@ -155,9 +214,14 @@ class XSAMConfig:
             )
 
     @property
+    def step_rule(self) -> StepRule:
+        """The registry entry of ``sam_method`` (:data:`hf_xsam.rules.STEP_RULES`)."""
+        return STEP_RULES[self.sam_method]
+
+    @property
     def searches_alpha(self) -> bool:
-        """Whether alpha is searched at all (``sam_method="xsam"`` with a search interval other than 0)."""
-        return self.sam_method == "xsam" and self.alpha_search_interval != 0
+        """Whether alpha is searched at all (a searching rule with a search interval other than 0)."""
+        return self.step_rule.searches_alpha and self.alpha_search_interval != 0
 
     @property
     def alpha_grid(self) -> list[float]:
@@ -172,8 +236,32 @@ class XSAMConfig:
 
     @property
     def initial_alpha(self) -> float:
-        """The alpha a fresh run starts with: 1 for SAM, ``alpha`` otherwise."""
-        return 1.0 if self.sam_method == "sam" else float(self.alpha)
+        """The alpha a fresh run starts with: the rule's fixed alpha (1 for SAM), ``alpha`` otherwise."""
+        fixed = self.step_rule.fixed_alpha
+        return float(self.alpha) if fixed is None else fixed
+
+    def sam_start_step(self, max_steps: int) -> int:
+        """The first sharpness-aware optimizer step of a run of ``max_steps`` (``ceil(sam_start_ratio * max_steps)``).
+
+        >>> XSAMConfig(sam_start_ratio=0.25).sam_start_step(10)
+        3
+        """
+        return math.ceil(self.sam_start_ratio * max_steps)
+
+    def sharpness_aware_step(self, step: int, max_steps: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) of a run of ``max_steps`` is sharpness-aware.
+
+        Plain steps come first (``sam_start_ratio``), then every ``sam_interval``-th step from the first
+        sharpness-aware one.
+
+        >>> config = XSAMConfig(sam_start_ratio=0.5, sam_interval=2)
+        >>> [config.sharpness_aware_step(step, 8) for step in range(8)]
+        [False, False, False, False, True, False, True, False]
+        """
+        if not self.step_rule.sharpness_aware:
+            return False
+        start = self.sam_start_step(max_steps)
+        return step >= start and (step - start) % self.sam_interval == 0
 
     @property
     def xsam_settings(self) -> dict[str, Any]:

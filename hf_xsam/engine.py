@@ -42,7 +42,15 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .config import XSAMConfig
-from .geometry import add_scaled_, angle, global_dot, global_norm, global_norms, slerp_coefficients
+from .geometry import (
+    add_scaled_,
+    addcmul_scaled_,
+    angle,
+    global_dot,
+    global_norm,
+    global_norms,
+    slerp_coefficients,
+)
 from .guards import RunningStatsGuard, replayed_random_state
 from .search import SEARCHES
 from .state import validate_state
@@ -86,6 +94,17 @@ class XSAMStepStats:
     """The optimizer step must be skipped: a micro-batch of it was non-finite, on any worker (last micro-batch)."""
 
 
+@dataclass
+class Plane:
+    """The search plane of one step: the norms of ``g_k`` and of ``w_k - w0``, the angle theta between them (0 when
+    the ascent stalled), and whether the ascent stalled."""
+
+    grad_norm: Tensor
+    displacement_norm: Tensor
+    theta: Tensor
+    stalled: Tensor
+
+
 class XSAM:
     """XSAM (eXplicit Sharpness-Aware Minimization) as a gradient transformation.
 
@@ -123,8 +142,10 @@ class XSAM:
         if config is not None and settings:
             raise TypeError(f"XSAM takes a config or settings as keywords, not both (got {sorted(settings)})")
         self.config = config if config is not None else XSAMConfig(**settings)
-        if self.config.sam_method == "none":
-            raise ValueError("Invalid sam_method: 'none' takes no XSAM step; use the base optimizer alone")
+        if not self.config.step_rule.sharpness_aware:
+            raise ValueError(
+                f"Invalid sam_method: {self.config.sam_method!r} takes no XSAM step; use the base optimizer alone"
+            )
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("XSAM got no parameter with requires_grad=True: there is nothing to train")
@@ -144,9 +165,14 @@ class XSAM:
         self.last_search_epoch: int | None = None
         self.search_count = 0
         self.search_history: deque[dict[str, Any]] = deque(maxlen=SEARCH_HISTORY_LENGTH)
+        # forward passes of the alpha searches so far (the search's cost, for the logs)
+        self.search_forwards = 0
         self._saved: dict[Tensor, Tensor] = {}
         self._accumulated: dict[Tensor, Tensor] = {}
-        self._last_buffers: tuple[tuple[int, ...] | None, list[Tensor]] = (None, [])
+        # sam_reuse: the part of the last sharpness-aware direction orthogonal to its first gradient
+        self._reused: dict[Tensor, Tensor] = {}
+        self._reuse_fresh = True  # the next sharpness-aware micro-batch starts a new kept direction
+        self._buffer_lists: dict[tuple[int, ...], list[Tensor]] = {}
         # whether a micro-batch of the current optimizer step was non-finite (OR over micro-batches)
         self._step_nonfinite: Tensor | None = None
 
@@ -199,8 +225,8 @@ class XSAM:
             reason = (
                 f"it is not on the search grid 0..{config.alpha_max:g} step {config.alpha_step:g}; searching again"
             )
-        elif config.sam_method == "sam":
-            reason = "sam_method='sam' uses alpha 1"
+        elif config.step_rule.fixed_alpha is not None:
+            reason = f"sam_method={config.sam_method!r} uses alpha {config.step_rule.fixed_alpha:g}"
         else:
             reason = "the alpha search is off (alpha_search_interval=0), so the alpha setting applies"
         if saved_alpha == self.alpha:
@@ -222,14 +248,17 @@ class XSAM:
         return self._locals([p.grad for p in owners])
 
     def _buffers(self, store: dict[Tensor, Tensor], owners: list[Tensor]) -> list[Tensor]:
-        """The buffers of ``owners`` in ``store`` (made on first use); the last list is reused while they last."""
+        """The buffers of ``owners`` in ``store`` (made on first use); the lists are kept for the next steps."""
         key = (id(store), *map(id, owners))
-        if self._last_buffers[0] != key:
+        buffers = self._buffer_lists.get(key)
+        if buffers is None:
             for p in owners:
                 if p not in store:
                     store[p] = torch.zeros_like(_local(p))
-            self._last_buffers = (key, [store[p] for p in owners])
-        return self._last_buffers[1]
+            if len(self._buffer_lists) >= 16:  # parameters that come and go (LayerDrop): keep the cache small
+                self._buffer_lists.clear()
+            buffers = self._buffer_lists[key] = [store[p] for p in owners]
+        return buffers
 
     def _norm(self, tensors: list[Tensor]) -> Tensor:
         return self._over_shards(global_norm(tensors))
@@ -267,6 +296,11 @@ class XSAM:
     ) -> XSAMStepStats:
         """Run one XSAM step on one (micro-)batch and leave the direction in ``p.grad``.
 
+        The step is three named parts between a saved copy of the weights and its exact restore:
+        :meth:`_ascend` (the climb to ``w_k`` and the gradient there), :meth:`_search_alpha` (on search steps) and
+        :meth:`_direction_` (``||g_k|| u(alpha)``). With ``sam_reuse``, the part of the direction orthogonal to
+        the first gradient is kept for the plain steps (:meth:`reuse_direction_`).
+
         Args:
             forward_backward: computes the loss at the current weights, calls ``backward`` on it and returns
                 it detached. Called ``k + 1`` times; the first call may update BatchNorm statistics.
@@ -282,51 +316,116 @@ class XSAM:
             (radians), whether a gradient was non-finite (then ``p.grad`` is non-finite too, so a gradient
             scaler skips the step), whether the ascent stalled, and whether the optimizer step must be skipped.
         """
-        config = self.config
         with torch.enable_grad():
             loss = forward_backward()
-        owners, params, grads = self._active()
-        self._reduce_if_global(grads)
-        saved = self._buffers(self._saved, owners)
+        owners, params, first_grads = self._active()
+        self._reduce_if_global(first_grads)
+        saved = self.saved_weights(owners)
         torch._foreach_copy_(saved, params)
-        ascent_norms = []
         try:
             with self.running_stats:
-                for i in range(config.ascent_steps):
-                    if i > 0:
-                        grads = self._fresh_gradient(forward_backward, owners)[1]
-                    norm = self._norm(grads)
-                    ascent_norms.append(norm)
-                    scale = (config.rho / config.ascent_steps) / (norm + config.sam_eps)
-                    # climb: w <- w + (rho / k) g / ||g||  (g is consumed; the next pass makes a new one)
-                    add_scaled_(params, grads, torch.where(torch.isfinite(norm), scale, 0.0))
-                ascent_loss, grads = self._fresh_gradient(forward_backward, owners)
+                ascent_loss, grads, ascent_norms = self._ascend(forward_backward, owners, params, first_grads)
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
-                grad_norm, displacement_norm = self._norms(grads, params)
+                plane = self._plane(params, grads)
                 # a non-finite gradient in any pass makes the sum of the norms non-finite
-                nonfinite = ~torch.isfinite(sum(ascent_norms, grad_norm))
-                # an ascent that rounded away (rho below the weights' resolution) leaves no plane: theta = 0
-                # makes u(alpha) = v1, SAM's direction, for every alpha
-                stalled = displacement_norm <= STALLED_ASCENT * config.rho / config.ascent_steps
-                theta = angle(self._dot(params, grads), displacement_norm, grad_norm, config.sam_eps)
-                theta = torch.where(stalled, 0.0, theta)
+                nonfinite = ~torch.isfinite(ascent_norms + plane.grad_norm)
                 if loss_only is not None and self.search_due(step, epoch):
-                    self._search_alpha(loss_only, params, saved, grads, theta, displacement_norm, grad_norm, nonfinite)
+                    self._search_alpha(loss_only, params, saved, grads, plane, nonfinite)
                     self.last_search_step, self.last_search_epoch = step, epoch
                     self.search_count += 1
                     self.search_history[-1]["step"] = step
-                c0, c1 = slerp_coefficients(theta, self.alpha)
-                # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
-                # a non-finite pass poisons d so that a scaler, or the trainer, skips the step
-                torch._foreach_mul_(grads, torch.where(nonfinite, torch.nan, c1))
-                add_scaled_(grads, params, c0 * grad_norm / (displacement_norm + config.sam_eps))
+                self._direction_(grads, params, plane, nonfinite)
         finally:
             # back to w0 exactly, whatever happened above
             torch._foreach_copy_(params, saved)
             self._drop_late_gradients(owners)
+        if self.config.sam_reuse:
+            self._keep_orthogonal_(owners, grads, first_grads)
         skip = self._accumulate(owners, grads, accumulate, nonfinite)
-        return XSAMStepStats(loss, ascent_loss, theta, nonfinite, stalled, skip)
+        return XSAMStepStats(loss, ascent_loss, plane.theta, nonfinite, plane.stalled, skip)
+
+    def _ascend(
+        self, forward_backward: Callable[[], Tensor], owners: list[Tensor], params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Climb ``k`` normalised steps of ``rho / k`` from ``w0`` and take the gradient ``g_k`` at ``w_k``.
+
+        Returns the loss at ``w_k``, ``g_k`` and the sum of the ascent gradients' norms (non-finite when one was).
+        The first gradient ``grads`` is left as it was, or scaled by a positive number (see ``add_scaled_``).
+        """
+        config = self.config
+        norms = []
+        for i in range(config.ascent_steps):
+            if i > 0:
+                grads = self._fresh_gradient(forward_backward, owners)[1]
+            norm = self._norm(grads)
+            norms.append(norm)
+            scale = (config.rho / config.ascent_steps) / (norm + config.sam_eps)
+            # climb: w <- w + (rho / k) g / ||g||
+            add_scaled_(params, grads, torch.where(torch.isfinite(norm), scale, 0.0))
+        ascent_loss, grads = self._fresh_gradient(forward_backward, owners)
+        return ascent_loss, grads, sum(norms[1:], norms[0])
+
+    def _plane(self, displacement: list[Tensor], grads: list[Tensor]) -> Plane:
+        """The plane of ``v0`` (along ``displacement = w_k - w0``) and ``v1`` (along ``g_k``): norms and angle."""
+        config = self.config
+        grad_norm, displacement_norm = self._norms(grads, displacement)
+        # an ascent that rounded away (rho below the weights' resolution) leaves no plane: theta = 0
+        # makes u(alpha) = v1, SAM's direction, for every alpha
+        stalled = displacement_norm <= STALLED_ASCENT * config.rho / config.ascent_steps
+        theta = angle(self._dot(displacement, grads), displacement_norm, grad_norm, config.sam_eps)
+        return Plane(grad_norm, displacement_norm, torch.where(stalled, 0.0, theta), stalled)
+
+    def _direction_(self, grads: list[Tensor], displacement: list[Tensor], plane: Plane, nonfinite: Tensor) -> None:
+        """``grads <- ||g_k|| u(alpha)``; ``displacement`` is scratch."""
+        c0, c1 = slerp_coefficients(plane.theta, self.alpha)
+        # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
+        # a non-finite pass poisons d so that a scaler, or the trainer, skips the step
+        torch._foreach_mul_(grads, torch.where(nonfinite, torch.nan, c1))
+        add_scaled_(grads, displacement, c0 * plane.grad_norm / (plane.displacement_norm + self.config.sam_eps))
+
+    def saved_weights(self, owners: list[Tensor] | None = None) -> list[Tensor]:
+        """The buffers holding the saved weights ``w0`` of ``owners`` (all parameters by default), made on first use.
+
+        Between steps they hold the weights of the last step's start; this is the one parameter-sized buffer the
+        engine keeps (see :meth:`buffer_elements`).
+        """
+        return self._buffers(self._saved, self.params if owners is None else owners)
+
+    def buffer_elements(self) -> dict[str, int]:
+        """Elements held in the engine's buffers: ``saved`` (w0), ``accumulated`` (directions, with gradient
+        accumulation) and ``reused`` (the kept direction, with ``sam_reuse``)."""
+        stores = {"saved": self._saved, "accumulated": self._accumulated, "reused": self._reused}
+        return {name: sum(buffer.numel() for buffer in store.values()) for name, store in stores.items()}
+
+    def _keep_orthogonal_(self, owners: list[Tensor], direction: list[Tensor], first: list[Tensor]) -> None:
+        """``sam_reuse``: add to the kept direction the part of this micro-batch's ``direction`` orthogonal to its
+        first gradient ``first`` (scratch: its pass is over); the first micro-batch of a step starts it anew."""
+        if self._reuse_fresh and self._reused:
+            torch._foreach_zero_(list(self._reused.values()))
+        self._reuse_fresh = False
+        first_norm = self._norm(first)
+        # first <- direction - <direction, first> / ||first||^2 first
+        torch._foreach_mul_(first, -self._dot(direction, first) / (first_norm.square() + self.config.sam_eps))
+        torch._foreach_add_(first, direction)
+        torch._foreach_add_(self._buffers(self._reused, owners), first)
+
+    @torch.no_grad()
+    def reuse_direction_(self) -> None:
+        """On a plain step, with ``sam_reuse``: ``g <- g + sam_reuse_scale ||g|| / ||d_perp|| d_perp`` in ``p.grad``.
+
+        ``d_perp`` is the part of the last sharpness-aware direction orthogonal to that step's first gradient
+        (LookSAM's rule, Liu et al., CVPR 2022). Before the first sharpness-aware step, and after one that was
+        skipped as non-finite, it is zero and the step stays plain. Call it once per optimizer step, after the
+        gradient is complete (accumulated and averaged over workers) and before clipping.
+        """
+        owners = [p for p in self.params if p.grad is not None]
+        if not self._reused or not owners:
+            return
+        grads = self._gradients(owners)
+        kept = self._buffers(self._reused, owners)
+        grad_norm, kept_norm = self._norms(grads, kept)
+        addcmul_scaled_(grads, kept, self.config.sam_reuse_scale * grad_norm / (kept_norm + self.config.sam_eps))
 
     def _drop_late_gradients(self, owners: list[Tensor]) -> None:
         """Parameters without a gradient in the first pass get none from this micro-batch.
@@ -379,10 +478,17 @@ class XSAM:
             accumulated = self._buffers(self._accumulated, owners)
             torch._foreach_add_(grads, accumulated)
             torch._foreach_zero_(accumulated)
+        kept = self._buffers(self._reused, owners) if self.config.sam_reuse else []
         if self.config.sam_perturbation == "local" and self.reduce_gradients is not None:
             flag = nonfinite.to(dtype=grads[-1].dtype, device=grads[-1].device).reshape(1)
-            self.reduce_gradients([*grads, flag])
+            self.reduce_gradients([*grads, *kept, flag])
             nonfinite = flag[0] > 0
+        if kept:
+            self._reuse_fresh = True
+            # a skipped step leaves nothing to reuse: zero the kept direction (NaN * 0 is NaN, hence nan_to_num)
+            torch._foreach_mul_(kept, (~nonfinite).to(kept[0].dtype))
+            for tensor in kept:
+                tensor.nan_to_num_(0.0, 0.0, 0.0)
         return nonfinite
 
     def _search_alpha(
@@ -391,9 +497,7 @@ class XSAM:
         params: list[Tensor],
         saved: list[Tensor],
         grads: list[Tensor],
-        theta: Tensor,
-        displacement_norm: Tensor,
-        grad_norm: Tensor,
+        plane: Plane,
         nonfinite: Tensor,
     ) -> None:
         """Search the grid for the alpha whose point ``w0 + rho_max u(alpha)`` has the largest loss.
@@ -409,10 +513,12 @@ class XSAM:
             self.search_history.append({"alpha": self.alpha, "theta": float("nan"), "losses": []})
             return
         displacement = torch._foreach_clone(params)
-        grid = self.config.alpha_grid
+        grid, theta = self.config.alpha_grid, plane.theta
         c0, c1 = slerp_coefficients(theta, torch.tensor(grid, dtype=theta.dtype, device=theta.device))
-        along_displacement = (self.config.search_radius * c0 / (displacement_norm + self.config.sam_eps)).tolist()
-        along_gradient = (self.config.search_radius * c1 / (grad_norm + self.config.sam_eps)).tolist()
+        along_displacement = (
+            self.config.search_radius * c0 / (plane.displacement_norm + self.config.sam_eps)
+        ).tolist()
+        along_gradient = (self.config.search_radius * c1 / (plane.grad_norm + self.config.sam_eps)).tolist()
         with replayed_random_state(params[0].device) as replay:
 
             def evaluate(indices: Sequence[int]) -> list[float]:
@@ -431,6 +537,7 @@ class XSAM:
                 return losses_tensor.tolist()
 
             index, seen = SEARCHES[self.config.alpha_search](grid, evaluate)
+        self.search_forwards += len(seen)
         torch._foreach_copy_(params, displacement)
         if index is not None:
             self.alpha = grid[index]

@@ -21,9 +21,11 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
+from .rules import STEP_RULES
+
 __all__ = ["XSAM_TAGS", "XSAM_CITATION", "PAPER_URL", "xsam_section", "add_xsam_section"]
 
-XSAM_TAGS = ["xsam", "sharpness-aware-minimization"]
+XSAM_TAGS = list(STEP_RULES["xsam"].tags)
 PAPER_URL = "https://arxiv.org/abs/2603.10048"
 XSAM_CITATION = """@inproceedings{chen2026xsam,
   title     = {Revisiting Sharpness-Aware Minimization: A More Faithful and Effective Implementation},
@@ -36,21 +38,6 @@ XSAM_CITATION = """@inproceedings{chen2026xsam,
 SECTION_START = "<!-- hf_xsam section start -->"
 SECTION_END = "<!-- hf_xsam section end -->"
 MAX_ROWS = 10
-# settings that only the alpha search of `sam_method="xsam"` reads: a SAM card does not list them
-SEARCH_SETTINGS = ("rho_max", "alpha", "alpha_max", "alpha_step", "alpha_search_interval")
-
-_METHODS = {
-    "xsam": "XSAM: each step climbs `rho` along the gradient, then steps along the direction at angle "
-    "`alpha * theta` from the ascent direction towards the gradient there, with `alpha` searched for the "
-    "largest loss at radius `rho_max`",
-    "sam": "SAM (XSAM with alpha fixed at 1): each step climbs `rho` along the gradient and steps with the "
-    "gradient found there",
-}
-_PLAIN = (
-    "This model was trained without sharpness-aware minimization: plain training, one forward and backward pass "
-    "per step with the base optimizer alone (`sam_method=none`, the baseline of hf_xsam's scripts). No XSAM "
-    "setting took part."
-)
 
 
 def _fmt(value: Any) -> str:
@@ -58,9 +45,12 @@ def _fmt(value: Any) -> str:
 
 
 def _settings_table(settings: Mapping[str, Any]) -> list[str]:
-    shown = dict(settings)
-    if shown.get("sam_method") == "sam":
-        shown = {key: value for key, value in shown.items() if key not in SEARCH_SETTINGS}
+    """The settings the step rule reads (``StepRule.settings``), as they were set."""
+    rule = STEP_RULES[settings.get("sam_method", "xsam")]
+    names = ["sam_method", *rule.settings]
+    if not settings.get("sam_reuse"):
+        names = [name for name in names if name != "sam_reuse_scale"]
+    shown = {name: settings[name] for name in names if name in settings}
     rho = shown.get("rho")
     if "rho_max" in shown and shown["rho_max"] is None and rho is not None:
         shown["rho_max"] = f"{_fmt(2 * rho)} (2 * rho)"
@@ -70,16 +60,25 @@ def _settings_table(settings: Mapping[str, Any]) -> list[str]:
     return ["| setting | value |", "| --- | --- |"] + [f"| {key} | {_fmt(value)} |" for key, value in shown.items()]
 
 
-def _mean_alpha(train_logs: list[Mapping[str, Any]]) -> float | None:
-    """Mean alpha per optimizer step: each log's mean, weighted by the steps it covers."""
+def _step_weighted_mean(train_logs: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` per optimizer step: each log's mean, weighted by the steps it covers."""
     total = weight = 0.0
     previous = 0
     for log in train_logs:
         steps = max(log.get("step", previous + 1) - previous, 1)
         previous = log.get("step", previous + steps)
-        total += steps * log["xsam/alpha"]
-        weight += steps
+        if key in log:
+            total += steps * log[key]
+            weight += steps
     return total / weight if weight else None
+
+
+def _mean_cost(log_history: Sequence[Mapping[str, Any]]) -> tuple[float, float] | None:
+    """Forward-backward passes and search forwards per optimizer step, over the training logs that have them."""
+    train_logs = [log for log in log_history if "xsam/passes" in log]
+    if not train_logs:
+        return None
+    return _step_weighted_mean(train_logs, "xsam/passes"), _step_weighted_mean(train_logs, "xsam/search_forwards")
 
 
 def _evenly(rows: list[Any], count: int) -> list[Any]:
@@ -104,14 +103,15 @@ def xsam_section(
         The section, between HTML comments that let :func:`add_xsam_section` replace it.
     """
     method = settings.get("sam_method", "xsam")
-    if method == "none":
-        return "\n".join([SECTION_START, "## Training", "", _PLAIN, "", "| setting | value |", "| --- | --- |",
-                          "| sam_method | none |", SECTION_END]) + "\n"  # fmt: skip
+    rule = STEP_RULES[method]
+    if not rule.sharpness_aware:
+        return "\n".join([SECTION_START, "## Training", "", f"This model was trained with hf_xsam using {rule.card}.",
+                          "", *_settings_table(settings), SECTION_END]) + "\n"  # fmt: skip
     lines = [
         SECTION_START,
         "## Training with XSAM",
         "",
-        f"This model was trained with hf_xsam using {_METHODS.get(method, method)} "
+        f"This model was trained with hf_xsam using {rule.card} "
         f"([Chen and Zhou, ICLR 2026]({PAPER_URL})). XSAM is eXplicit Sharpness-Aware Minimization, "
         'not "X-SAM" (arXiv:2601.10251).',
         "",
@@ -120,12 +120,19 @@ def xsam_section(
         *_settings_table(settings),
         "",
     ]
+    cost = _mean_cost(log_history)
+    if cost is not None:
+        lines += [
+            f"Cost: {cost[0]:.3g} forward-backward passes and {cost[1]:.3g} forward passes of the alpha search per "
+            "optimizer step, on average over the logged steps (the base optimizer alone: one pass per micro-batch).",
+            "",
+        ]
     train_logs = [log for log in log_history if "xsam/sharpness" in log]
     if train_logs or engine_state:
         lines += ["### What XSAM did", ""]
-    if engine_state and method == "xsam":
+    if engine_state and rule.searches_alpha:
         searches = engine_state.get("search_history", [])
-        mean_alpha = _mean_alpha([log for log in train_logs if "xsam/alpha" in log])
+        mean_alpha = _step_weighted_mean(train_logs, "xsam/alpha")
         lines.append(
             f"- Final alpha: {_fmt(engine_state['alpha'])}"
             + (f"; mean alpha over training: {mean_alpha:.3g}" if mean_alpha is not None else "")
@@ -147,7 +154,7 @@ def xsam_section(
             "",
         ]
         columns = {"step": "step", "epoch": "epoch", "loss": "loss", "xsam/sharpness": "sharpness"}
-        if method == "xsam":  # SAM's alpha is 1 throughout
+        if rule.fixed_alpha is None:  # a fixed alpha says nothing per step
             columns["xsam/alpha"] = "alpha"
         columns["xsam/theta"] = "theta (deg)"
         keys = tuple(columns)
@@ -171,11 +178,11 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
     card = ModelCard.load(card_path)
     card.data.library_name = card.data.library_name or "transformers"
     settings = trainer.args.xsam_settings
-    tags = list(card.data.tags or [])
-    tags += [tag for tag in XSAM_TAGS if tag not in tags]
-    if settings["sam_method"] == "none":  # a baseline was not trained with sharpness-aware minimization
-        tags = [tag for tag in tags if tag != "sharpness-aware-minimization"]
-    card.data.tags = tags
+    rule = trainer.args.step_rule
+    # the tags of the rule the model was trained with, and none that another rule would give
+    other_rules_tags = {tag for other in STEP_RULES.values() for tag in other.tags} - set(rule.tags)
+    tags = [tag for tag in card.data.tags or [] if tag not in other_rules_tags]
+    card.data.tags = tags + [tag for tag in rule.tags if tag not in tags]
     for result in card.data.eval_results or []:  # the Trainer writes a missing split or config as "None"
         if result.dataset_split == "None":
             result.dataset_split = None

@@ -35,7 +35,7 @@ from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
 from .distributed import all_reduce_mean_
 from .engine import XSAM, XSAMStepStats, check_one_device
-from .model_card import XSAM_TAGS, add_xsam_section
+from .model_card import add_xsam_section
 from .resume import has_full_weights, load_model_weights
 from .skipping import guard_optimizer_step
 from .state import STATE_NAME, read_state_file, write_state_file
@@ -43,6 +43,13 @@ from .state import STATE_NAME, read_state_file, write_state_file
 __all__ = ["XSAMTrainerMixin", "XSAMTrainer", "XSAMSeq2SeqTrainer"]
 
 logger = logging.getLogger(__name__)
+
+# What the trainer sums over the micro-batches of sharpness-aware steps between two logs, in this order: theta
+# (radians), the ascent loss and the sharpness (measured: summed over finite micro-batches only, losses normalised
+# per micro-batch as the Trainer's loss is, so their sum per step compares with `loss`), and the counts of
+# non-finite and stalled micro-batches.
+STEP_TOTALS = ("theta", "ascent_loss", "sharpness", "nonfinite", "stalled")
+MEASURED_TOTALS = ("theta", "ascent_loss", "sharpness")
 
 
 class XSAMTrainerMixin:
@@ -71,8 +78,9 @@ class XSAMTrainerMixin:
                 f"settings), got {type(self.args).__name__}"
             )
         self._check_supported()
-        if hasattr(self.model, "add_model_tags"):  # so that `model.push_to_hub` from any path carries the tags
-            self.model.add_model_tags(XSAM_TAGS)
+        tags = list(self.args.step_rule.tags)
+        if tags and hasattr(self.model, "add_model_tags"):  # so that `model.push_to_hub` from any path carries them
+            self.model.add_model_tags(tags)
         self._xsam_extra_pass = False
         self._xsam_warned: set[str] = set()
         self._xsam_new_run()
@@ -81,14 +89,17 @@ class XSAMTrainerMixin:
         """Forget the engine and the figures of an earlier run (a resume restores its state afterwards)."""
         self.xsam: XSAM | None = None
         self._xsam_pending_state: dict[str, Any] | None = None
-        # sums since the last log: theta (radians), ascent loss and sharpness over finite micro-batches (losses
-        # normalised per micro-batch as the Trainer's loss is, so their sum per step compares with `loss`),
-        # and the counts of non-finite and stalled micro-batches; the number of micro-batches and of steps
+        # sums since the last log: STEP_TOTALS (a tensor, no host sync), the number of sharpness-aware micro-batches
+        # and steps, and alpha over those steps; the cost of every optimizer step: steps, forward-backward passes,
+        # and the engine's search forwards at the last log
         self._xsam_totals: torch.Tensor | None = None
         self._xsam_measured: torch.Tensor | None = None  # which entries of the totals are measurements
         self._xsam_micro_batches = 0
         self._xsam_steps = 0
         self._xsam_alpha_sum = 0.0
+        self._xsam_cost_steps = 0
+        self._xsam_passes = 0
+        self._xsam_search_forwards_logged = 0
         # set on the last micro-batch of an XSAM step: whether its optimizer step must be skipped
         self._xsam_skip: torch.Tensor | None = None
 
@@ -101,7 +112,7 @@ class XSAMTrainerMixin:
     # construction-time checks
 
     def _check_supported(self) -> None:
-        if self.args.sam_method == "none":
+        if not self.args.step_rule.sharpness_aware:
             return
         if self.is_deepspeed_enabled:
             raise ValueError(
@@ -186,19 +197,26 @@ class XSAMTrainerMixin:
             for name, value in saved.items():
                 setattr(self, name, value)
 
-    def _sharpness_aware_step_due(self) -> bool:
-        return self.args.sam_method != "none" and self.state.global_step % self.args.sam_interval == 0
-
     def training_step(
         self,
         model: nn.Module,
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """One XSAM step on one (micro-)batch; returns the loss at the current weights, as `Trainer` does."""
-        if not self._sharpness_aware_step_due():
+        """One XSAM step on one (micro-)batch; returns the loss at the current weights, as `Trainer` does.
+
+        The steps before ``sam_start_ratio`` and between those of ``sam_interval`` are the Trainer's own (with
+        ``sam_reuse``, their gradient receives the kept direction once it is complete).
+        """
+        if not self.args.step_rule.sharpness_aware:
             return super().training_step(model, inputs, num_items_in_batch)
         engine = self._xsam_engine(model)
+        if not self.args.sharpness_aware_step(self.state.global_step, self.state.max_steps):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._count_cost(passes=1)
+            if self.args.sam_reuse and self.accelerator.sync_gradients:
+                engine.reuse_direction_()
+            return loss
         parent_training_step = super().training_step
         # entered after the first pass, closed after the step: every later pass is an extra one
         extra_passes = contextlib.ExitStack()
@@ -225,6 +243,7 @@ class XSAMTrainerMixin:
                 accumulate=not self.accelerator.sync_gradients,
             )
         self._record_xsam_stats(stats)
+        self._count_cost(passes=self.args.step_rule.passes(self.args.ascent_steps))
         if self.accelerator.sync_gradients:
             self._xsam_skip = stats.skip
         return stats.loss
@@ -232,12 +251,23 @@ class XSAMTrainerMixin:
     # ----------------------------------------------------------------------------------------------
     # logging
 
+    def _count_cost(self, passes: int) -> None:
+        self._xsam_passes += passes
+        if self.accelerator.sync_gradients:
+            self._xsam_cost_steps += 1
+
     def _record_xsam_stats(self, stats: XSAMStepStats) -> None:
-        sharpness = stats.ascent_loss - stats.loss
-        values = torch.stack([stats.theta, stats.ascent_loss, sharpness, stats.nonfinite, stats.stalled]).float()
+        step = {
+            "theta": stats.theta,
+            "ascent_loss": stats.ascent_loss,
+            "sharpness": stats.ascent_loss - stats.loss,
+            "nonfinite": stats.nonfinite,
+            "stalled": stats.stalled,
+        }
+        values = torch.stack([step[name] for name in STEP_TOTALS]).float()
         if self._xsam_totals is None:
             self._xsam_totals = torch.zeros_like(values)
-            self._xsam_measured = torch.tensor([True, True, True, False, False], device=values.device)
+            self._xsam_measured = torch.tensor([name in MEASURED_TOTALS for name in STEP_TOTALS], device=values.device)
         # a non-finite micro-batch counts as such, its measurements not at all
         self._xsam_totals += torch.where(self._xsam_measured & stats.nonfinite, 0.0, values)
         self._xsam_micro_batches += 1
@@ -251,15 +281,28 @@ class XSAMTrainerMixin:
             logger.warning(message)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the `xsam/*` figures, averaged since the last training log, to training logs."""
+        """Adds the `xsam/*` figures, averaged since the last training log, to training logs.
+
+        ``xsam/passes`` and ``xsam/search_forwards`` are the forward-backward passes and the alpha search's forward
+        passes per optimizer step (the base optimizer alone: one pass per micro-batch); the other figures average
+        over the sharpness-aware steps since the last log, and are absent when there was none.
+        """
+        if "loss" in logs and self._xsam_cost_steps > 0:
+            engine_forwards = self.xsam.search_forwards if self.xsam is not None else 0
+            logs["xsam/passes"] = self._xsam_passes / self._xsam_cost_steps
+            logs["xsam/search_forwards"] = (
+                engine_forwards - self._xsam_search_forwards_logged
+            ) / self._xsam_cost_steps
+            self._xsam_search_forwards_logged = engine_forwards
+            self._xsam_passes = self._xsam_cost_steps = 0
         if "loss" in logs and self._xsam_steps > 0:
-            totals = self.accelerator.reduce(self._xsam_totals, reduction="mean").tolist()
-            theta, ascent_loss, sharpness, nonfinite, stalled = totals
+            totals = dict(zip(STEP_TOTALS, self.accelerator.reduce(self._xsam_totals, reduction="mean").tolist()))
+            nonfinite = totals["nonfinite"]
             finite = self._xsam_micro_batches - nonfinite
             logs["xsam/alpha"] = self._xsam_alpha_sum / self._xsam_steps
-            logs["xsam/theta"] = math.degrees(theta / max(finite, 1.0))
-            logs["xsam/ascent_loss"] = ascent_loss / self._xsam_steps
-            logs["xsam/sharpness"] = sharpness / self._xsam_steps
+            logs["xsam/theta"] = math.degrees(totals["theta"] / max(finite, 1.0))
+            logs["xsam/ascent_loss"] = totals["ascent_loss"] / self._xsam_steps
+            logs["xsam/sharpness"] = totals["sharpness"] / self._xsam_steps
             logs["xsam/nonfinite"] = nonfinite
             if nonfinite:
                 self._warn_once(
@@ -267,7 +310,7 @@ class XSAMTrainerMixin:
                     "XSAM: a pass gave a non-finite gradient; its optimizer step was skipped "
                     "(weights and optimizer state untouched). `xsam/nonfinite` counts such micro-batches.",
                 )
-            if stalled:
+            if totals["stalled"]:
                 self._warn_once(
                     "stalled",
                     f"XSAM: the ascent of rho={self.args.rho:g} did not move the weights "
@@ -284,10 +327,10 @@ class XSAMTrainerMixin:
     # model card
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The Trainer's model card, plus the `xsam` tags and a section on the XSAM settings and results."""
+        """The Trainer's model card, plus the step rule's tags and a section on the XSAM settings and results."""
         tags = kwargs.pop("tags", None)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        kwargs["tags"] = tags + [tag for tag in XSAM_TAGS if tag not in tags]
+        kwargs["tags"] = tags + [tag for tag in self.args.step_rule.tags if tag not in tags]
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
             add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self)

@@ -8,8 +8,9 @@ from datasets import Dataset
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.model_card import SEARCH_SETTINGS, SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
+from hf_xsam import XSAMConfig, XSAMTrainer, XSAMTrainingArguments
+from hf_xsam.model_card import SECTION_START, XSAM_CITATION, XSAM_TAGS, add_xsam_section, xsam_section
+from hf_xsam.rules import SEARCH_SETTINGS
 
 ROOT = Path(__file__).parent.parent
 TEMPLATE = ROOT / "model_cards" / "template.md"
@@ -70,9 +71,7 @@ def test_section_keeps_at_most_ten_rows_including_the_last():
     assert [row.split(" | ")[0] for row in rows] == [f"| {s}" for s in (1, 12, 23, 34, 45, 56, 67, 78, 89, 100)]
 
 
-SETTINGS = {"sam_method": "xsam", "rho": 0.05, "ascent_steps": 1, "rho_max": None, "alpha": 1.0, "alpha_max": 2.0,
-            "alpha_step": 0.1, "alpha_search_interval": None, "sam_interval": 1, "sam_perturbation": "local",
-            "sam_eps": 1e-12}  # fmt: skip
+SETTINGS = XSAMConfig().xsam_settings
 
 
 def test_baseline_section_says_plain_training_and_lists_no_xsam_setting():
@@ -112,7 +111,7 @@ def test_trainer_card_of_the_baseline_does_not_claim_sharpness_aware_training(tm
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "README.md")
     assert "| sam_method | none |" in card.text and "plain training" in card.text
-    assert "xsam" in card.data.tags and "sharpness-aware-minimization" not in card.data.tags
+    assert "xsam" not in card.data.tags and "sharpness-aware-minimization" not in card.data.tags
 
 
 def test_trainer_card_prints_a_warmup_ratio_as_a_ratio(tmp_path):

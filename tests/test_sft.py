@@ -167,7 +167,7 @@ def test_lora_moves_only_the_adapters_and_keeps_one_copy_of_them(tmp_path):
     assert adapters and all(after[name].requires_grad for name in adapters)
     assert all(torch.equal(before[name], after[name]) for name in before if name not in adapters)
     assert any(not torch.equal(before[name], after[name]) for name in adapters if "lora_B" in name)
-    saved = sum(buffer.numel() for buffer in trainer.xsam._saved.values())
+    saved = trainer.xsam.buffer_elements()["saved"]
     assert saved == sum(after[name].numel() for name in adapters)
     assert {"xsam", "sharpness-aware-minimization", "sft", "trl"} <= set(trainer.model.model_tags)
 
