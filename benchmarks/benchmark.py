@@ -75,8 +75,26 @@ CONFIGS = {
     "sam": ({"sam_method": "sam"}, 1, 1, 1),
     "xsam": ({"sam_method": "xsam", "alpha_search_interval": NEVER}, 1, 1, 1),
     "xsam-search": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 1, 1),
-    "xsam-search-ternary": ({"sam_method": "xsam", "alpha_search_interval": 1, "alpha_search": "ternary"}, 1, 1, 1),
+    "xsam-search-coarse": (
+        {"sam_method": "xsam", "alpha_search_interval": 1, "alpha_search": "coarse_to_fine"},
+        1,
+        1,
+        1,
+    ),
     "xsam-interval2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 2}, 1, 1, 2),
+    "xsam-interval2-reuse": (
+        {"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 2, "sam_reuse": True},
+        1,
+        1,
+        2,
+    ),
+    "xsam-interval4": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 4}, 1, 1, 4),
+    "xsam-interval4-reuse": (
+        {"sam_method": "xsam", "alpha_search_interval": NEVER, "sam_interval": 4, "sam_reuse": True},
+        1,
+        1,
+        4,
+    ),
     "sam-k2": ({"sam_method": "sam", "ascent_steps": 2}, 1, 1, 1),
     "xsam-k2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "ascent_steps": 2}, 1, 1, 1),
     "base-ga2": ({"sam_method": "none"}, 1, 2, 1),
@@ -87,13 +105,26 @@ CONFIGS = {
     "sam-adamw-unguarded": ({"sam_method": "sam", "optim": "adamw_torch"}, 1, 1, 1),
 }
 GUARDED = {"sam": "sam-unguarded", "sam-adamw": "sam-adamw-unguarded"}  # ratios guarded / unguarded
+# the cheap schedules of benchmarks/study.py, per step over a whole run: (timed configuration, share of plain steps
+# at the start (sam_start_ratio), the search's timed configuration, amortised over --search-every steps)
+SCHEDULES = {
+    "xsam": ("xsam", 0.0, "xsam-search"),
+    "xsam-c2f": ("xsam", 0.0, "xsam-search-coarse"),
+    "xsam-late50": ("xsam", 0.5, "xsam-search-coarse"),
+    "xsam-late75": ("xsam", 0.75, "xsam-search-coarse"),
+    "xsam-late50-i2": ("xsam-interval2", 0.5, "xsam-search-coarse"),
+    "xsam-late50-i2-reuse": ("xsam-interval2-reuse", 0.5, "xsam-search-coarse"),
+    "xsam-i2-reuse": ("xsam-interval2-reuse", 0.0, "xsam-search-coarse"),
+    "xsam-i4": ("xsam-interval4", 0.0, "xsam-search-coarse"),
+    "xsam-i4-reuse": ("xsam-interval4-reuse", 0.0, "xsam-search-coarse"),
+}
 TIMED = [
     "base",
     "base-2pass",
     "sam",
     "xsam",
     "xsam-search",
-    "xsam-search-ternary",
+    "xsam-search-coarse",
     "xsam-interval2",
     "sam-k2",
     "xsam-k2",
@@ -343,17 +374,34 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
         "times_s": times,
         "median_s": medians,
         "ratios": ratios,
+        "schedules": schedule_costs(times, search_every),
         "search_every": search_every,
         "decomposition_s": decomposition,
         # one search, in SAM steps (median of per-round (search step - plain step) / SAM step)
         "search_sam_steps": {
             strategy: statistics.median((s - x) / m for s, x, m in zip(times[name], times["xsam"], times["sam"]))
-            for strategy, name in (("grid", "xsam-search"), ("ternary", "xsam-search-ternary"))
+            for strategy, name in (("grid", "xsam-search"), ("coarse_to_fine", "xsam-search-coarse"))
             if name in times
         },
         # steps between searches for which the amortised search costs at most 2 % of a SAM step
         "search_every_for_2_percent": search_extra / (0.02 * medians["sam"]),
     }
+
+
+def schedule_costs(times: dict[str, list[float]], search_every: int) -> dict[str, tuple[float, float, float]]:
+    """Cost per step of each ``SCHEDULES`` entry whose configurations were timed, over the base step: median and
+    interquartile range of the per-round values ``(r base + (1 - r) (step + search / search_every)) / base``."""
+    costs = {}
+    for name, (config, plain_share, search) in SCHEDULES.items():
+        if not all(n in times for n in (config, search, "xsam", "base")):
+            continue
+        per_round = sorted(
+            (plain_share * b + (1 - plain_share) * (t + (s - x) / search_every)) / b
+            for b, t, s, x in zip(times["base"], times[config], times[search], times["xsam"])
+        )
+        q1, median, q3 = statistics.quantiles(per_round, n=4)
+        costs[name] = (median, q1, q3)
+    return costs
 
 
 def live_tensor_bytes(trainer: Trainer) -> int:
@@ -529,6 +577,11 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
     )
     cost = ", ".join(f"{value:.2f} ({name})" for name, value in timing["search_sam_steps"].items())
     lines.append(f"- one search costs, in SAM steps: {cost}")
+    if timing["schedules"]:
+        lines += ["", f"Schedules, per step over a run (search every {timing['search_every']} steps):", ""]
+        lines += ["| schedule | cost per step / base (IQR) |", "| --- | ---: |"]
+        for name, (median, q1, q3) in timing["schedules"].items():
+            lines.append(f"| {name} | {median:.3f} ({q1:.3f}-{q3:.3f}) |")
     if memory is not None:
         mib = 2**20
         lines += [

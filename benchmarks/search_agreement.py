@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Do the grid and the ternary alpha search choose the same alpha on the curves of a real training run?
+"""Do the grid and the coarse_to_fine alpha search choose the same alpha on the curves of a real training run?
 
 A tiny ViT learns sklearn's digits with symmetric label noise (a share of the training labels replaced by a
 different class drawn uniformly), trained by ``XSAMTrainer`` (AdamW) with the grid search every few steps,
-which records the loss at all grid points. The ternary strategy (``hf_xsam.search.ternary_search``) is then
+which records the loss at all grid points. The coarse_to_fine strategy (``hf_xsam.search.coarse_to_fine_search``) is then
 run offline on each recorded curve, exactly as the engine would run it on those averaged losses, and compared
 with the grid's choice: same alpha or how far apart, evaluations used, and how many curves were unimodal
-(strictly rising to a top, flat only there, strictly falling after it: where ternary is exact by design).
+(strictly rising to a top, flat only there, strictly falling after it: where coarse_to_fine is exact by design).
 
-Usage (docs/search.md):
-    OMP_NUM_THREADS=1 python benchmarks/search_agreement.py --epochs 30 --json outputs/search_agreement.json
+``--first-steps N`` also trains N fresh models (seeds 0..N-1) for one step each and compares the searches of those
+first steps, where the curves often have two peaks (a high one near alpha 0.5, a lower one near 1.6).
+
+Usage (docs/search.md, "Agreement"):
+    OMP_NUM_THREADS=1 python benchmarks/search_agreement.py --epochs 30 --first-steps 24 \\
+        --json outputs/search_agreement.json
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import time
 from collections import Counter
 
 import torch
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-from hf_xsam.search import grid_search, ternary_search
+from hf_xsam.search import coarse_to_fine_search, grid_search
 from toy_tasks import build_task
 
 
@@ -51,9 +55,23 @@ def is_unimodal(curve: list[float]) -> bool:
     return rising and flat and falling
 
 
-def train(args: argparse.Namespace, rho: float) -> tuple[list[dict], dict]:
-    task = build_task("vit", "small", args.seed)
-    changed = add_label_noise(task.train, args.noise, 10, args.seed)
+class EverySearch(TrainerCallback):
+    """Keeps every search of the run (the engine keeps only the recent ones)."""
+
+    def __init__(self, trainer: XSAMTrainer) -> None:
+        self.trainer, self.searches = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        engine = self.trainer.xsam
+        new = engine.search_count - len(self.searches)
+        if new > 0:
+            self.searches += list(engine.search_history)[-new:]
+
+
+def train(args: argparse.Namespace, rho: float, seed: int | None = None, steps: int = -1) -> tuple[list[dict], dict]:
+    seed = args.seed if seed is None else seed
+    task = build_task("vit", "small", seed)
+    changed = add_label_noise(task.train, args.noise, 10, seed)
     with tempfile.TemporaryDirectory() as tmp:
         training = XSAMTrainingArguments(
             output_dir=tmp,
@@ -66,13 +84,16 @@ def train(args: argparse.Namespace, rho: float) -> tuple[list[dict], dict]:
             logging_steps=50,
             save_strategy="no",
             disable_tqdm=True,
-            seed=args.seed,
+            seed=seed,
+            max_steps=steps,
             rho=rho,
             alpha_search="grid",
             alpha_search_interval=args.search_every,
         )
         trainer = XSAMTrainer(model=task.model, args=training, train_dataset=task.train, data_collator=task.collate)
         trainer.remove_callback(PrinterCallback)
+        every_search = EverySearch(trainer)
+        trainer.add_callback(every_search)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -88,7 +109,7 @@ def train(args: argparse.Namespace, rho: float) -> tuple[list[dict], dict]:
         "test_accuracy": accuracy,
         "grid": trainer.xsam.config.alpha_grid,
     }
-    return trainer.xsam.search_history, run
+    return every_search.searches, run
 
 
 def compare(history: list[dict], grid: list[float]) -> dict:
@@ -102,30 +123,30 @@ def compare(history: list[dict], grid: list[float]) -> dict:
             return [curve[i] for i in indices]
 
         grid_index, _ = grid_search(grid, evaluate)
-        ternary_index, seen = ternary_search(grid, evaluate)
+        cheap_index, seen = coarse_to_fine_search(grid, evaluate)
         rows.append(
             {
                 "step": search["step"],
                 "grid_alpha": grid[grid_index],
                 "recorded_alpha": search["alpha"],
-                "ternary_alpha": grid[ternary_index],
+                "cheap_alpha": grid[cheap_index],
                 "evaluations": len(seen),
                 "unimodal": is_unimodal(curve),
                 "losses": curve,
             }
         )
-    differences = [abs(r["grid_alpha"] - r["ternary_alpha"]) for r in rows]
+    differences = [abs(r["grid_alpha"] - r["cheap_alpha"]) for r in rows]
     evaluations = [r["evaluations"] for r in rows]
-    disagreements = [r for r in rows if r["grid_alpha"] != r["ternary_alpha"]]
+    disagreements = [r for r in rows if r["grid_alpha"] != r["cheap_alpha"]]
     return {
         "searches": len(rows),
         "recorded_alpha_is_grid_choice": sum(r["grid_alpha"] == r["recorded_alpha"] for r in rows),
         "same_alpha": len(rows) - len(disagreements),
         "unimodal": sum(r["unimodal"] for r in rows),
-        "same_alpha_on_unimodal": sum(r["unimodal"] and r["grid_alpha"] == r["ternary_alpha"] for r in rows),
+        "same_alpha_on_unimodal": sum(r["unimodal"] and r["grid_alpha"] == r["cheap_alpha"] for r in rows),
         "differences": sorted(d for d in differences if d > 0),
         "disagreements": [
-            {k: r[k] for k in ("step", "grid_alpha", "ternary_alpha", "unimodal", "losses")} for r in disagreements
+            {k: r[k] for k in ("step", "grid_alpha", "cheap_alpha", "unimodal", "losses")} for r in disagreements
         ],
         "evaluations_mean": statistics.mean(evaluations),
         "evaluations_max": max(evaluations),
@@ -143,6 +164,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--search-every", type=int, default=5, help="optimizer steps between searches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-steps", type=int, default=0, help="fresh models whose first search is compared")
+    parser.add_argument("--first-steps-rho", type=float, default=0.2)
     parser.add_argument("--json", help="write the figures and every curve to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -163,6 +186,16 @@ def main() -> None:
             f"| {figures['same_alpha_on_unimodal']} / {figures['unimodal']} | {apart} "
             f"| {figures['evaluations_mean']:.2f} / {figures['evaluations_max']} | {run['train_seconds']:.0f} "
             f"| {run['test_accuracy']:.3f} |",
+            flush=True,
+        )
+    if args.first_steps:
+        first = [train(args, args.first_steps_rho, seed=seed, steps=1) for seed in range(args.first_steps)]
+        figures = compare([history[0] for history, _ in first], first[0][1]["grid"])
+        results["first_steps"] = {"rho": args.first_steps_rho, **figures}
+        print(
+            f"\nFirst steps of {args.first_steps} fresh models at rho {args.first_steps_rho:g}: same alpha in "
+            f"{figures['same_alpha']} of {figures['searches']} ({figures['unimodal']} unimodal), evaluations mean "
+            f"{figures['evaluations_mean']:.2f} / max {figures['evaluations_max']}",
             flush=True,
         )
     if args.json:

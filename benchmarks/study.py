@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """Generalization study: base optimizer vs SAM vs XSAM over seeds, label noise and rho, with curves.
 
-Every run is one call of ``scripts/classify_images.py`` with the same flags but ``--sam_method``, ``--seed``,
-``--label_noise`` and ``--rho``. It evaluates every epoch, on the evaluation split and on some training images
-as trained on (noisy labels), and keeps per run: final accuracy, best accuracy and its epoch, both curves, the
-training loss per epoch, XSAM's alpha per epoch and the wall time (``study_run.json`` in the run's folder).
+Every run is one call of ``scripts/classify_images.py`` with the same flags but the configuration's (``--methods``
+names entries of ``CONFIGS``: none, sam, xsam and the cheap schedules), ``--seed``, ``--label_noise`` and ``--rho``.
+It evaluates every epoch, on the evaluation split and on some training images as trained on (noisy labels), and
+keeps per run: final accuracy, best accuracy and its epoch, both curves, the training loss per epoch, XSAM's alpha
+per epoch, the passes and search forwards per step and the wall time (``study_run.json`` in the run's folder).
 Finished runs are skipped, so an interrupted study continues where it stopped, and runs shared by two studies
 in the same ``--output_dir`` are trained once. After each run the summary is rewritten: ``NAME.json`` (all runs),
-``NAME.md`` (mean ± std over seeds) and ``NAME.png`` (test-accuracy curves, mean and band per method).
+``NAME.md`` (mean ± std over seeds, paired differences, alpha), ``NAME.png`` (test-accuracy curves, mean and band
+per configuration) and ``NAME-cost.png`` (final accuracy against cost per step). docs/study.md quotes these tables.
 
 Examples:
     python benchmarks/study.py --task digits --label_noise 0 0.2 0.4 --seeds 0 1 2 3 4 --jobs 2 \\
         --output_dir runs/study-digits --name digits -- --num_train_epochs 30
+    python benchmarks/study.py --task digits --methods none xsam xsam-late50-i2-reuse --label_noise 0.4 \\
+        --seeds 0 1 2 3 4 --output_dir runs/digits100 --name cost -- --num_train_epochs 100 \\
+        --per_device_train_batch_size 64
     python benchmarks/study.py --task cifar10 --data_dir /data/cifar10 --label_noise 0 0.4 \\
         --output_dir runs/study-cifar10 -- --max_train_samples 10000 --image_size 16 --num_train_epochs 6
 """
@@ -44,7 +49,27 @@ __all__ = [
 ]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
-METHODS = ["none", "sam", "xsam"]
+# the configurations a study compares, by name: the script's flags for each (after the task's and the user's)
+_CHEAP = ["--sam_method", "xsam", "--alpha_search", "coarse_to_fine"]
+CONFIGS = {
+    "none": ["--sam_method", "none"],
+    "sam": ["--sam_method", "sam"],
+    "xsam": ["--sam_method", "xsam"],
+    # accuracy per cost (docs/study.md, "Accuracy per cost"): the cheap search, late starts, intervals with reuse
+    "xsam-c2f": _CHEAP,
+    "xsam-late50": [*_CHEAP, "--sam_start_ratio", "0.5"],
+    "xsam-late75": [*_CHEAP, "--sam_start_ratio", "0.75"],
+    "xsam-late50-i2": [*_CHEAP, "--sam_start_ratio", "0.5", "--sam_interval", "2"],
+    "xsam-late50-i2-reuse": [*_CHEAP, "--sam_start_ratio", "0.5", "--sam_interval", "2", "--sam_reuse", "true"],
+    "xsam-i2-reuse": [*_CHEAP, "--sam_interval", "2", "--sam_reuse", "true"],
+    "xsam-i4-reuse": [*_CHEAP, "--sam_interval", "4", "--sam_reuse", "true"],
+    "xsam-amax3": ["--sam_method", "xsam", "--alpha_max", "3"],
+    "xsam-amax4": ["--sam_method", "xsam", "--alpha_max", "4"],
+}
+METHODS = list(CONFIGS)
+# cost units of one optimizer step: a forward-backward pass counts 3 (a forward and a backward of twice its cost),
+# a forward pass of the alpha search 1
+PASS_COST, SEARCH_FORWARD_COST = 3.0, 1.0
 
 TASKS = {
     # the script's embedded digits and ViT; no augmentation or dropout, so that AdamW can memorise the noise
@@ -131,7 +156,40 @@ def summarize_run(log_history: list[dict], final_accuracy: float) -> dict:
         "train_curve": [log["eval_train_accuracy"] for log in by_epoch("eval_train_accuracy")],
         "train_loss": [log["loss"] for log in train_logs],
         "alpha": [log["xsam/alpha"] for log in train_logs if "xsam/alpha" in log],
+        **_logged_cost(train_logs),
     }
+
+
+def _logged_cost(train_logs: list[dict]) -> dict:
+    """Forward-backward passes and search forwards per optimizer step over the run (``xsam/passes`` and
+    ``xsam/search_forwards``, each log weighted by the steps it covers); empty for a run that logged none."""
+    steps, passes, forwards, previous = 0, 0.0, 0.0, 0
+    for log in train_logs:
+        if "xsam/passes" in log:
+            covered = log["step"] - previous
+            steps, passes, forwards = (
+                steps + covered,
+                passes + covered * log["xsam/passes"],
+                forwards + covered * log["xsam/search_forwards"],
+            )
+        previous = log["step"]
+    return {"passes": passes / steps, "search_forwards": forwards / steps} if steps else {}
+
+
+def relative_cost(run: dict) -> float:
+    """Cost per optimizer step as a multiple of the base optimizer's (``PASS_COST`` units a pass).
+
+    Runs recorded before the cost logs existed (``none``, ``sam`` and ``xsam`` of the first 100-epoch runs) get
+    their schedule's known cost: one pass (none), two (sam), two and one grid search of 21 forwards per epoch
+    (xsam).
+    """
+    if "passes" in run:
+        passes, forwards = run["passes"], run["search_forwards"]
+    else:
+        passes = 1.0 if run["method"] == "none" else 2.0
+        epochs, steps = len(run["curve"]), run.get("steps") or len(run["curve"])
+        forwards = 21.0 * epochs / steps if run["method"] == "xsam" else 0.0
+    return (PASS_COST * passes + SEARCH_FORWARD_COST * forwards) / PASS_COST
 
 
 def run_one(task: str, data_dir: str | None, setting: dict, extra: list[str], out: Path) -> dict:
@@ -146,8 +204,7 @@ def run_one(task: str, data_dir: str | None, setting: dict, extra: list[str], ou
         *TASKS[task]["defaults"],
         *extra,
         *STUDY_FLAGS,
-        "--sam_method",
-        setting["method"],
+        *CONFIGS[setting["method"]],
         "--seed",
         str(setting["seed"]),
         "--label_noise",
@@ -170,7 +227,13 @@ def run_one(task: str, data_dir: str | None, setting: dict, extra: list[str], ou
     wall_s = time.perf_counter() - start
     state = json.loads((out / "trainer_state.json").read_text())
     final = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
-    result = {"task": task, **setting, "wall_s": wall_s, **summarize_run(state["log_history"], final)}
+    result = {
+        "task": task,
+        **setting,
+        "wall_s": wall_s,
+        "steps": state["global_step"],
+        **summarize_run(state["log_history"], final),
+    }
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -198,6 +261,7 @@ def table(results: list[dict]) -> str:
         "best accuracy",
         "epoch of best",
         "train accuracy (noisy labels)",
+        "cost per step (× base)",
         "wall time (s)",
         "seeds",
     ]
@@ -211,6 +275,7 @@ def table(results: list[dict]) -> str:
             _mean_std([r["best_accuracy"] for r in runs], 3),
             _mean_std([r["best_epoch"] for r in runs], 1),
             _mean_std([r["train_curve"][-1] for r in runs], 3),
+            f"{statistics.mean(relative_cost(r) for r in runs):.2f}",
             _mean_std([r["wall_s"] for r in runs], 0),
             str(len(runs)),
         ]
@@ -228,8 +293,9 @@ def paired_table(results: list[dict]) -> str:
         (r["label_noise"], None if r["method"] == "none" else r["rho"], r["method"], r["seed"]): r for r in results
     }
     settings = sorted({(r["label_noise"], r["rho"]) for r in results if r["method"] != "none"})
+    others = [(config, reference) for config in METHODS[3:] for reference in ("none", "xsam")]
     for (noise, rho), (first, second) in itertools.product(
-        settings, [("sam", "none"), ("xsam", "none"), ("xsam", "sam")]
+        settings, [("sam", "none"), ("xsam", "none"), ("xsam", "sam"), *others]
     ):
         second_rho = None if second == "none" else rho
         pairs = [
@@ -252,27 +318,31 @@ def alpha_table(results: list[dict], alpha_max: float) -> str:
     header = [
         "label noise",
         "rho",
+        "configuration",
         "mean alpha",
         "first 5 epochs",
         "last 5 epochs",
         "range",
-        f"epochs at the grid end ({alpha_max:g})",
+        "epochs at the grid end",
         "epoch-to-epoch change",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (noise, rho, method), runs in _groups(results).items():
-        if method != "xsam":
+        if not method.startswith("xsam"):
             continue
+        flags = CONFIGS[method]
+        end = float(flags[flags.index("--alpha_max") + 1]) if "--alpha_max" in flags else alpha_max
         every = [a for r in runs for a in r["alpha"]]
         changes = [abs(b - a) for r in runs for a, b in itertools.pairwise(r["alpha"])]
         cells = [
             f"{noise:g}",
             f"{rho:g}",
+            method,
             f"{statistics.mean(every):.2f}",
             f"{statistics.mean(a for r in runs for a in r['alpha'][:5]):.2f}",
             f"{statistics.mean(a for r in runs for a in r['alpha'][-5:]):.2f}",
             f"{min(every):.1f} to {max(every):.1f}",
-            f"{sum(a >= alpha_max - 1e-6 for a in every) / len(every):.0%}",
+            f"{sum(a >= end - 1e-6 for a in every) / len(every):.0%} (alpha {end:g})",
             f"{statistics.mean(changes):.2f}" if changes else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -312,6 +382,39 @@ def plot_curves(results: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
+    axes[-1].legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+
+
+def plot_cost(results: list[dict], path: Path) -> None:
+    """One panel per (label noise, rho): final test accuracy (mean ± std over seeds) against the cost per step as a
+    multiple of the base optimizer's, one point per configuration; the best accuracy at each cost is joined."""
+    settings = sorted({(r["label_noise"], r["rho"]) for r in results})
+    figure = Figure(figsize=(5.2 * len(settings), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(settings), squeeze=False)[0]
+    groups = _groups(results)
+    for ax, (noise, rho) in zip(axes, settings):
+        points = []
+        for method in METHODS:
+            runs = groups.get((noise, rho, method))
+            if not runs:
+                continue
+            finals = [r["final_accuracy"] for r in runs]
+            cost = statistics.mean(relative_cost(r) for r in runs)
+            spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+            points.append((cost, statistics.mean(finals)))
+            ax.errorbar(cost, points[-1][1], yerr=spread, fmt="o", color=f"C{METHODS.index(method) % 10}", capsize=3)
+            ax.annotate(f"{method} ({len(runs)})", points[-1], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front, best = [], -1.0
+        for cost, accuracy in sorted(points):
+            if accuracy > best:
+                front.append((cost, accuracy))
+                best = accuracy
+        ax.plot(*zip(*front), "--", color="gray", alpha=0.6, label="best at its cost")
+        ax.set_title(f"label noise {noise:.0%}, rho {rho:g}")
+        ax.set_xlabel("cost per optimizer step (× base optimizer)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final test accuracy (seeds in brackets)")
     axes[-1].legend(fontsize="small")
     figure.savefig(path, dpi=110)
 
@@ -371,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             (output_dir / f"{options.name}.json").write_text(json.dumps({"command": command, "runs": results}))
             (output_dir / f"{options.name}.md").write_text(summary)
             plot_curves(results, output_dir / f"{options.name}.png")
+            plot_cost(results, output_dir / f"{options.name}-cost.png")
     print(summary)
 
 

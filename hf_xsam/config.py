@@ -84,9 +84,10 @@ class XSAMConfig:
         default="grid",
         metadata={
             "help": "How the search walks the grid: 'grid' evaluates every point (the paper's; reproduces it exactly) "
-            "or 'ternary', a Fibonacci search that evaluates at most 7 of 21 points and chooses the grid's alpha "
-            "when the loss along the grid rises to one maximum and falls after it. Both keep the largest loss, the "
-            "alpha closest to 1 among equal ones.",
+            "or 'coarse_to_fine', every fifth point then a Fibonacci refinement between the best one's "
+            "neighbours: at most 9 of 21 points, the grid's alpha when the loss along the grid rises to one "
+            "maximum and falls after it, and the higher peak of two. Both keep the largest loss, the alpha closest "
+            "to 1 among equal ones.",
             "choices": list(ALPHA_SEARCHES),
         },
     )

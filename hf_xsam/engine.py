@@ -9,7 +9,7 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
     d = ||g_k|| u(alpha);  w <- w0 (exact copy);  grad <- d
 
 On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
-evaluating every grid point (``alpha_search="grid"``) or by a Fibonacci search over it (``"ternary"``). With
+evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``). With
 ``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped at 1 until the loss has fallen that fraction.
 
 Example:
@@ -116,7 +116,9 @@ class XSAM:
 
     The engine leaves in ``p.grad`` the direction the base optimizer should step along, and the weights
     exactly as they were. It owns one parameter-sized buffer (the saved weights), plus one for the
-    accumulated direction when ``accumulate=True`` is used.
+    accumulated direction when ``accumulate=True`` is used, and one for the kept direction with ``sam_reuse``
+    (call :meth:`reuse_direction_` on the plain steps, after the gradient is complete). Which steps are
+    sharpness-aware is the caller's choice (``config.sharpness_aware_step(step, max_steps)`` gives the schedule).
 
     Args:
         params: the parameters to train; only those with ``requires_grad`` and a gradient take part.

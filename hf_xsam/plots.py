@@ -50,7 +50,7 @@ def plot_alpha_search(search_history: Sequence[dict[str, Any]], alpha_grid: Sequ
     """Loss versus alpha at every search (left) and the same curves rescaled to [0, 1] (right).
 
     Colour follows the optimizer step of the search; a dot marks the chosen alpha. A search that evaluated part
-    of the grid (``alpha_search="ternary"``) is drawn at the alphas it evaluated (its ``"alphas"``) with
+    of the grid (``alpha_search="coarse_to_fine"``) is drawn at the alphas it evaluated (its ``"alphas"``) with
     markers. Searches that saw a non-finite gradient (no losses) are left out. Returns whether a file was
     written.
     """

@@ -1,4 +1,4 @@
-"""A straightforward float64 implementation of XSAM.md on one flat parameter vector.
+"""A straightforward float64 implementation of the method (docs/method.md) on one flat parameter vector.
 
 It shares no code with hf_xsam: the tests hold the package to this independent reading of the spec.
 """
@@ -67,3 +67,16 @@ def xsam_direction(
 
 def sgd_step(w: torch.Tensor, direction: torch.Tensor, lr: float) -> torch.Tensor:
     return w - lr * direction
+
+
+def orthogonal_part(direction: torch.Tensor, first_gradient: torch.Tensor) -> torch.Tensor:
+    """The part of a sharpness-aware direction orthogonal to its step's first gradient (what ``sam_reuse`` keeps)."""
+    g = first_gradient.double()
+    return direction - (direction @ g) / (g @ g) * g
+
+
+def reused_direction(grad: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+    """LookSAM's plain-step direction: ``g + scale ||g|| / ||kept|| kept`` (``g`` alone when nothing is kept)."""
+    if float(kept.norm()) == 0.0:
+        return grad
+    return grad + scale * grad.norm() / kept.norm() * kept

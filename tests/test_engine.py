@@ -1,4 +1,4 @@
-"""The XSAM engine against the float64 reference of XSAM.md, special cases and edge cases."""
+"""The XSAM engine against the float64 reference of docs/method.md, special cases and edge cases."""
 
 import copy
 import math

@@ -13,7 +13,7 @@ from helpers import TinyClassifier, flat, flat_loss, make_data
 from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
 from hf_xsam.model_card import xsam_section
 from hf_xsam.plots import save_xsam_plots
-from hf_xsam.search import best_index, grid_search, ternary_search
+from hf_xsam.search import best_index, coarse_to_fine_search, grid_search
 from reference import xsam_direction
 
 GRID = [round(0.1 * i, 10) for i in range(21)]
@@ -55,7 +55,7 @@ def unimodal(rng: random.Random, n: int) -> list[float]:
 # pure functions
 
 
-def test_ternary_equals_grid_on_random_unimodal_curves_with_flat_tops():
+def test_coarse_to_fine_equals_grid_on_random_unimodal_curves_with_flat_tops():
     rng = random.Random(0)
     for trial in range(3000):
         n = 21 if trial % 2 == 0 else rng.randint(2, 45)
@@ -63,20 +63,20 @@ def test_ternary_equals_grid_on_random_unimodal_curves_with_flat_tops():
         alphas = [round(step * i, 10) for i in range(n)]
         curve = unimodal(rng, n)
         evaluate, counts = counting(curve)
-        index, seen = ternary_search(alphas, evaluate)
+        index, seen = coarse_to_fine_search(alphas, evaluate)
         assert index == expected_choice(alphas, curve) == grid_search(alphas, counting(curve)[0])[0], (alphas, curve)
         assert max(counts.values()) == 1, "every grid point is evaluated at most once"
         assert seen == {i: curve[i] for i in counts}
         if n == 21:
-            assert len(seen) <= 7
+            assert len(seen) <= 9
 
 
 @pytest.mark.parametrize("peak", range(21))
-def test_ternary_finds_every_peak_position_of_21_points_in_at_most_7_evaluations(peak):
+def test_coarse_to_fine_finds_every_peak_position_of_21_points_in_at_most_9_evaluations(peak):
     curve = [-(abs(i - peak) ** 1.5) for i in range(21)]
     evaluate, counts = counting(curve)
-    index, seen = ternary_search(GRID, evaluate)
-    assert index == peak and len(seen) <= 7 and sum(counts.values()) == len(seen)
+    index, seen = coarse_to_fine_search(GRID, evaluate)
+    assert index == peak and len(seen) <= 9 and sum(counts.values()) == len(seen)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_ternary_finds_every_peak_position_of_21_points_in_at_most_7_evaluations
     ],
 )
 def test_flat_tops_end_where_the_grid_does(curve, expected_alpha):
-    for search in (grid_search, ternary_search):
+    for search in (grid_search, coarse_to_fine_search):
         index, _ = search(GRID, counting(curve)[0])
         assert GRID[index] == expected_alpha
 
@@ -101,27 +101,27 @@ def test_tie_at_equal_distance_from_one_keeps_the_smaller_alpha():
     assert quarter[grid_search(quarter, counting(curve)[0])[0]] == 0.75
 
 
-def test_on_any_curve_ternary_returns_the_best_point_it_evaluated():
+def test_on_any_curve_coarse_to_fine_returns_the_best_point_it_evaluated():
     rng = random.Random(1)
     for _ in range(2000):
         curve = [rng.choice([rng.random(), rng.randint(0, 3)]) for _ in range(21)]  # often several peaks and ties
-        index, seen = ternary_search(GRID, counting(curve)[0])
+        index, seen = coarse_to_fine_search(GRID, counting(curve)[0])
         evaluated = sorted(seen)
         assert index == evaluated[expected_choice([GRID[i] for i in evaluated], [seen[i] for i in evaluated])]
-        assert index in seen and len(seen) <= 7
+        assert index in seen and len(seen) <= 9
 
 
 def test_nonfinite_losses_are_never_chosen():
     curve = [float(i) for i in range(21)]
     curve[20] = float("inf")
     curve[19] = float("nan")
-    for search in (grid_search, ternary_search):
+    for search in (grid_search, coarse_to_fine_search):
         index, seen = search(GRID, counting(curve)[0])
         assert index is not None and math.isfinite(curve[index])
     assert grid_search(GRID, counting(curve)[0])[0] == 18
     index, seen = grid_search(GRID, lambda indices: [math.nan] * len(indices))
     assert index is None and len(seen) == 21
-    assert ternary_search(GRID, lambda indices: [math.inf] * len(indices))[0] is None
+    assert coarse_to_fine_search(GRID, lambda indices: [math.inf] * len(indices))[0] is None
 
 
 def test_grid_search_evaluates_everything_in_one_call():
@@ -173,10 +173,10 @@ CURVES = {
 
 
 @pytest.mark.parametrize("name", CURVES)
-def test_engine_ternary_equals_grid_on_unimodal_arcs(name):
+def test_engine_coarse_to_fine_equals_grid_on_unimodal_arcs(name):
     curve = CURVES[name]
     chosen = {}
-    for strategy in ("grid", "ternary"):
+    for strategy in ("grid", "coarse_to_fine"):
         w, forward_backward, loss_only, calls = arc_problem(curve)
         engine = XSAM([w], rho=RHO, alpha_search=strategy, extrapolate_after_drop=0.0)
         engine.step(forward_backward, loss_only, step=0)
@@ -187,26 +187,26 @@ def test_engine_ternary_equals_grid_on_unimodal_arcs(name):
         if strategy == "grid":
             assert record["losses"] == curve and "alphas" not in record
         else:
-            assert len(calls) == len(set(calls)) <= 7, "each point once, at most 7 of 21"
+            assert len(calls) == len(set(calls)) <= 9, "each point once, at most 9 of 21"
             assert record["alphas"] == [GRID[i] for i in sorted(calls)]
             assert record["losses"] == [curve[i] for i in sorted(calls)]
-    assert chosen["grid"] == chosen["ternary"] == GRID[expected_choice(GRID, curve)]
+    assert chosen["grid"] == chosen["coarse_to_fine"] == GRID[expected_choice(GRID, curve)]
 
 
-def test_engine_ternary_on_two_peaks_returns_an_evaluated_maximum_and_records_what_it_saw():
+def test_engine_coarse_to_fine_on_two_peaks_returns_an_evaluated_maximum_and_records_what_it_saw():
     curve = [-abs(i - 3) for i in range(10)] + [-abs(i - 16) + 0.5 for i in range(10, 21)]  # peaks at 0.3 and 1.6
     w, forward_backward, loss_only, calls = arc_problem(curve)
-    engine = XSAM([w], rho=RHO, alpha_search="ternary", extrapolate_after_drop=0.0)
+    engine = XSAM([w], rho=RHO, alpha_search="coarse_to_fine", extrapolate_after_drop=0.0)
     engine.step(forward_backward, loss_only, step=3)
     record = engine.search_history[-1]
     assert record["step"] == 3
-    assert record["alphas"] == [GRID[i] for i in sorted(set(calls))] and len(calls) <= 7
+    assert record["alphas"] == [GRID[i] for i in sorted(set(calls))] and len(calls) <= 9
     assert record["losses"] == [curve[round(a * 10)] for a in record["alphas"]]
     assert engine.alpha in record["alphas"] and engine.alpha == record["alpha"]
     assert curve[round(engine.alpha * 10)] == max(record["losses"])
 
 
-def test_engine_ternary_decides_on_the_losses_averaged_over_workers():
+def test_engine_coarse_to_fine_decides_on_the_losses_averaged_over_workers():
     local = float32([-((0.1 * i - 0.3) ** 2) for i in range(21)])  # this worker alone would choose 0.3
     other = float32(
         [-3 * (0.1 * i - 1.6) ** 2 for i in range(21)]
@@ -222,7 +222,7 @@ def test_engine_ternary_decides_on_the_losses_averaged_over_workers():
         seen_other.append(indices)
         losses.copy_((losses + torch.tensor([other[i] for i in indices], dtype=losses.dtype)) / 2)
 
-    engine = XSAM([w], rho=RHO, alpha_search="ternary", reduce_losses=reduce_losses, extrapolate_after_drop=0.0)
+    engine = XSAM([w], rho=RHO, alpha_search="coarse_to_fine", reduce_losses=reduce_losses, extrapolate_after_drop=0.0)
     engine.step(forward_backward, loss_only, step=0)
     average = [(a + b) / 2 for a, b in zip(local, other)]
     assert engine.alpha == GRID[expected_choice(GRID, average)] == 1.3
@@ -232,7 +232,7 @@ def test_engine_ternary_decides_on_the_losses_averaged_over_workers():
 
 def test_engine_keeps_alpha_when_every_search_loss_is_nonfinite():
     w, forward_backward, _, _ = arc_problem([0.0] * 21)
-    for strategy in ("grid", "ternary"):
+    for strategy in ("grid", "coarse_to_fine"):
         engine = XSAM([w], rho=RHO, alpha=0.7, alpha_search=strategy, extrapolate_after_drop=0.0)
         engine.step(forward_backward, lambda: torch.tensor(math.nan), step=0)
         w.grad = None
@@ -242,7 +242,7 @@ def test_engine_keeps_alpha_when_every_search_loss_is_nonfinite():
 @pytest.mark.parametrize(
     "settings", [dict(rho=0.3), dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25)]
 )
-def test_engine_ternary_matches_the_float64_reference_where_its_curve_is_unimodal(settings):
+def test_engine_coarse_to_fine_matches_the_float64_reference_where_its_curve_is_unimodal(settings):
     model = TinyClassifier()
     batch = make_data()
     expected, expected_alpha, losses = xsam_direction(
@@ -267,7 +267,7 @@ def test_engine_ternary_matches_the_float64_reference_where_its_curve_is_unimoda
 
         return forward_backward, lambda: model(**batch)["loss"]
 
-    engine = XSAM(model.parameters(), alpha_search="ternary", extrapolate_after_drop=0.0, **settings)
+    engine = XSAM(model.parameters(), alpha_search="coarse_to_fine", **settings, extrapolate_after_drop=0.0)
     engine.step(*closures(), step=0)
     direction = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert engine.alpha == pytest.approx(expected_alpha)
@@ -283,7 +283,7 @@ def test_engine_ternary_matches_the_float64_reference_where_its_curve_is_unimoda
 
 
 def test_bad_alpha_search_is_refused_naming_the_field():
-    with pytest.raises(ValueError, match=r"Invalid alpha_search: 'binary'; choose one of grid, ternary"):
+    with pytest.raises(ValueError, match=r"Invalid alpha_search: 'binary'; choose one of grid, coarse_to_fine"):
         XSAMConfig(alpha_search="binary")
     with pytest.raises(ValueError, match="Invalid alpha_search"):
         XSAM([torch.nn.Parameter(torch.ones(1))], alpha_search="Ternary")
@@ -291,8 +291,8 @@ def test_bad_alpha_search_is_refused_naming_the_field():
 
 def test_alpha_search_is_a_command_line_flag_with_choices(tmp_path):
     parser = HfArgumentParser(XSAMTrainingArguments)
-    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--alpha_search", "ternary"])
-    assert args.alpha_search == "ternary" and args.xsam_settings["alpha_search"] == "ternary"
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--alpha_search", "coarse_to_fine"])
+    assert args.alpha_search == "coarse_to_fine" and args.xsam_settings["alpha_search"] == "coarse_to_fine"
     assert XSAMConfig().alpha_search == "grid"
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--alpha_search", "binary"])
@@ -307,9 +307,9 @@ def test_partial_search_records_are_plotted_and_carded(tmp_path):
     written = save_xsam_plots(str(tmp_path), history, GRID, [])
     assert str(tmp_path / "xsam_alpha_search.png") in written
     text = xsam_section(
-        XSAMConfig(alpha_search="ternary").xsam_settings, [], {"alpha": 1.2, "search_history": history}
+        XSAMConfig(alpha_search="coarse_to_fine").xsam_settings, [], {"alpha": 1.2, "search_history": history}
     )
-    assert "| alpha_search | ternary |" in text and "0: 1.2" in text
+    assert "| alpha_search | coarse_to_fine |" in text and "0: 1.2" in text
 
 
 def test_agreement_script_noise_and_unimodality():

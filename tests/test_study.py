@@ -98,7 +98,10 @@ def fake_training(calls):
         accuracy = {"none": [0.5, 0.4], "sam": [0.6, 0.7], "xsam": [0.6, 0.8]}[method]
         history = []
         for epoch, value in enumerate(accuracy, start=1):
-            logs = {"loss": 1.0 / epoch, "epoch": float(epoch)}
+            logs = {"loss": 1.0 / epoch, "epoch": float(epoch), "step": 10 * epoch}
+            if method != "none":
+                logs["xsam/passes"] = 2.0
+                logs["xsam/search_forwards"] = [1.5, 0.5][epoch - 1] if method == "xsam" else 0.0
             if method == "xsam":
                 logs["xsam/alpha"] = [1.5, 2.0][epoch - 1]
             history += [
@@ -106,7 +109,7 @@ def fake_training(calls):
                 {"eval_validation_accuracy": value + seed / 100, "epoch": float(epoch)},
                 {"eval_train_accuracy": 0.9, "epoch": float(epoch)},
             ]
-        (out / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        (out / "trainer_state.json").write_text(json.dumps({"log_history": history, "global_step": 20}))
         (out / "eval_results.json").write_text(json.dumps({"eval_accuracy": accuracy[-1] + seed / 100}))
 
     return run
@@ -154,11 +157,12 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
     spread = statistics.stdev([0.8, 0.81])
     assert rows[3] == (
         f"| 0.5 | 0.05 | xsam | 0.805 ± {spread:.3f} | 0.805 ± {spread:.3f} | 2.0 ± 0.0 | "
-        "0.900 ± 0.000 | " + rows[3].split(" | ")[7] + " | 2 |"
-    )
+        "0.900 ± 0.000 | 2.33 | " + rows[3].split(" | ")[8] + " | 2 |"
+    )  # cost: 2 passes (3 units each) and 1 search forward (1 unit) per step, over the base's 3 units
+    assert rows[2].split(" | ")[2:3] + rows[2].split(" | ")[7:8] == ["none", "1.00"]
     assert rows[5] == "| 0.5 | 0.05 | xsam − none | 0.400 ± 0.000 | 2 of 2 | 0.300 ± 0.000 | 2 of 2 |"
-    assert rows[7] == "| 0.5 | 0.05 | 1.75 | 1.75 | 1.75 | 1.5 to 2.0 | 50% | 0.50 |"
-    assert (tmp_path / "tiny.png").stat().st_size > 0
+    assert rows[7] == "| 0.5 | 0.05 | xsam | 1.75 | 1.75 | 1.75 | 1.5 to 2.0 | 50% (alpha 2) | 0.50 |"
+    assert (tmp_path / "tiny.png").stat().st_size > 0 and (tmp_path / "tiny-cost.png").stat().st_size > 0
 
     study.main(argv)
     assert len(calls) == 8  # every run was recorded: nothing trains again

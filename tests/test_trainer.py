@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME as XSAM_STATE_NAME
-from reference import gradient, xsam_direction
+from reference import gradient, orthogonal_part, reused_direction, xsam_direction
 
 N, BATCH, STEPS, LR = 12, 4, 6, 0.5
 
@@ -47,22 +47,35 @@ def reference_run(
     momentum=0.0,
     clip=0.0,
     sam_interval=1,
+    first_sharpness_aware_step=0,
+    reuse_scale=None,
 ):
     """Float64 XSAM over the batches in order, epochs of N / BATCH steps, SGD (optionally with momentum).
 
-    Steps that are not multiples of ``sam_interval`` use the plain gradient.
+    Sharpness-aware steps start at ``first_sharpness_aware_step`` and come every ``sam_interval`` steps from it;
+    the others use the plain gradient, plus the kept orthogonal part of the last sharpness-aware direction when
+    ``reuse_scale`` is given (LookSAM). With ``search_every_epoch`` the first sharpness-aware step of every epoch
+    searches alpha.
     """
-    w, buffer, alphas = flat(model), None, []
+    w, buffer, alphas, kept, searched_epoch = flat(model), None, [], torch.zeros_like(flat(model)), None
     for step in range(STEPS):
         start = (step * BATCH) % N
         batch = {key: value[start : start + BATCH] for key, value in data.items()}
         base = flat_loss(model, batch, label_smoothing)
         loss = (lambda f: lambda v: loss_scale * f(v))(base)
-        search = search_every_epoch and start == 0
-        if step % sam_interval:
+        epoch = step * BATCH // N
+        sharpness_aware = (
+            step >= first_sharpness_aware_step and (step - first_sharpness_aware_step) % sam_interval == 0
+        )
+        if not sharpness_aware:
             d = gradient(loss, w)
+            if reuse_scale is not None:
+                d = reused_direction(d, kept, reuse_scale)
         else:
+            search = search_every_epoch and (searched_epoch is None or epoch > searched_epoch)
+            searched_epoch = epoch if search else searched_epoch
             d, alpha, _ = xsam_direction(loss, w, rho=rho, k=k, alpha=alpha, search=search)
+            kept = orthogonal_part(d, gradient(loss, w))
         if clip:
             d = d * min(1.0, clip / (float(d.norm()) + 1e-6))
         buffer = d if buffer is None else momentum * buffer + d
@@ -82,6 +95,23 @@ CASES = {
     "sam_interval": (
         dict(rho=0.2, sam_interval=2, alpha=1.2, alpha_search_interval=0),
         dict(rho=0.2, sam_interval=2, alpha=1.2),
+    ),
+    # max_steps 6: steps 0-2 plain, the first search at step 3
+    "start_ratio": (
+        dict(rho=0.3, sam_start_ratio=0.5),
+        dict(rho=0.3, search_every_epoch=True, first_sharpness_aware_step=3),
+    ),
+    "start_interval_search": (
+        dict(rho=0.3, sam_start_ratio=0.2, sam_interval=2),
+        dict(rho=0.3, search_every_epoch=True, first_sharpness_aware_step=2, sam_interval=2),
+    ),
+    "reuse": (
+        dict(rho=0.2, sam_interval=3, alpha=1.3, alpha_search_interval=0, sam_reuse=True, sam_reuse_scale=0.5),
+        dict(rho=0.2, sam_interval=3, alpha=1.3, reuse_scale=0.5),
+    ),
+    "reuse_search_clipping": (
+        dict(rho=0.3, sam_interval=2, sam_reuse=True, max_grad_norm=0.05),
+        dict(rho=0.3, sam_interval=2, search_every_epoch=True, reuse_scale=0.7, clip=0.05),
     ),
     "label_smoothing": (
         dict(rho=0.2, label_smoothing_factor=0.1),

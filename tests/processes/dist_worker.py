@@ -21,7 +21,20 @@ CASES = {
     "global": dict(rho=0.3, max_steps=6, sam_perturbation="global"),
     "local_accumulation": dict(rho=0.3, max_steps=3, gradient_accumulation_steps=2, alpha_search_interval=2),
     "global_accumulation": dict(rho=0.3, max_steps=3, gradient_accumulation_steps=2, sam_perturbation="global"),
-    "local_ternary": dict(rho=0.3, max_steps=6, alpha_search="ternary", alpha_search_interval=1),
+    "local_coarse_to_fine": dict(rho=0.3, max_steps=6, alpha_search="coarse_to_fine", alpha_search_interval=1),
+    "local_reuse": dict(rho=0.3, max_steps=6, sam_interval=2, sam_reuse=True, alpha=1.3, alpha_search_interval=0),
+    "global_reuse_accumulation": dict(
+        rho=0.3,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        sam_perturbation="global",
+        sam_interval=2,
+        sam_reuse=True,
+        sam_reuse_scale=0.5,
+        alpha=1.3,
+        alpha_search_interval=0,
+    ),
+    "local_start_accumulation": dict(rho=0.3, max_steps=4, gradient_accumulation_steps=2, sam_start_ratio=0.5),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import TinyClassifier, flat, flat_loss, make_data
-from reference import xsam_direction
+from reference import gradient, orthogonal_part, reused_direction, xsam_direction
 
 TESTS = Path(__file__).parent
 LR, WORLD = 0.5, 2
@@ -20,6 +20,13 @@ EXPECTED = {
     "global": ("global", 1, 6, {0, 4}),
     "local_accumulation": ("local", 2, 3, {0, 2}),
     "global_accumulation": ("global", 2, 3, {0, 2}),
+}
+# the schedules of cheap configurations: (mode, accumulation, steps, search steps, first sharpness-aware step,
+# sam_interval, fixed alpha or None, reuse scale or None)
+SCHEDULES = {
+    "local_reuse": ("local", 1, 6, set(), 0, 2, 1.3, 0.7),
+    "global_reuse_accumulation": ("global", 2, 4, set(), 0, 2, 1.3, 0.5),
+    "local_start_accumulation": ("local", 2, 4, {2}, 2, 1, None, None),
 }
 
 
@@ -59,34 +66,56 @@ def scaled(loss, factor):
     return lambda w: factor * loss(w)
 
 
-def expected_weights(seen, mode, accumulation, steps, search_steps, rho=0.3):
+def expected_weights(
+    seen, mode, accumulation, steps, search_steps, rho=0.3, first=0, interval=1, alpha=None, reuse_scale=None
+):
+    """Float64 SGD over what every worker saw: sharpness-aware steps from ``first`` every ``interval`` steps, plain
+    steps (plus the kept direction with ``reuse_scale``) otherwise; alpha fixed, or searched on ``search_steps``."""
     model = TinyClassifier()
-    w, alpha = flat(model), 1.0
+    w, alpha, kept = flat(model), 1.0 if alpha is None else alpha, None
     for step in range(steps):
         micro = [[as_float64(seen[r][step * accumulation + m]) for m in range(accumulation)] for r in range(WORLD)]
         search = step in search_steps
-        if mode == "global":  # one device on the global batch: each micro-batch concatenated over workers
-            direction = 0
+        losses = [
+            [scaled(flat_loss(model, micro[r][m]), 1 / accumulation) for m in range(accumulation)]
+            for r in range(WORLD)
+        ]
+        if step < first or (step - first) % interval:  # plain: DDP averages the accumulated gradients
+            direction = sum(gradient(loss, w) for rank in losses for loss in rank) / WORLD
+            if reuse_scale is not None and kept is not None:
+                direction = reused_direction(direction, kept, reuse_scale)
+        elif mode == "global":  # one device on the global batch: each micro-batch concatenated over workers
+            direction = kept = 0
             for m in range(accumulation):
                 loss = scaled(flat_loss(model, cat([micro[r][m] for r in range(WORLD)])), 1 / accumulation)
                 d, alpha, _ = xsam_direction(loss, w, rho=rho, alpha=alpha, search=search and m == 0)
-                direction = direction + d
+                direction, kept = direction + d, kept + orthogonal_part(d, gradient(loss, w))
         else:  # each worker its own direction; search losses averaged over workers, then the directions
             if search:
-                losses = torch.tensor(
+                arc = torch.tensor(
                     [xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True)[2] for r in range(WORLD)]
                 ).mean(0)
-                alpha = round(0.1 * int(torch.argmax(losses)), 10)
-            direction = (
-                sum(
-                    xsam_direction(scaled(flat_loss(model, micro[r][m]), 1 / accumulation), w, rho=rho, alpha=alpha)[0]
-                    for r in range(WORLD)
-                    for m in range(accumulation)
-                )
-                / WORLD
-            )
+                alpha = round(0.1 * int(torch.argmax(arc)), 10)
+            directions = [xsam_direction(loss, w, rho=rho, alpha=alpha)[0] for rank in losses for loss in rank]
+            direction = sum(directions) / WORLD
+            firsts = [gradient(loss, w) for rank in losses for loss in rank]
+            kept = sum(orthogonal_part(d, g) for d, g in zip(directions, firsts)) / WORLD
         w = w - LR * direction
     return w, alpha
+
+
+@pytest.mark.parametrize("case", list(SCHEDULES))
+def test_ddp_cheap_schedules_match_the_reference_and_keep_ranks_equal(ranks, case):
+    mode, accumulation, steps, search_steps, first, interval, alpha, reuse_scale = SCHEDULES[case]
+    seen = [ranks[r][case]["seen"] for r in range(WORLD)]
+    expected, alpha = expected_weights(
+        seen, mode, accumulation, steps, search_steps, first=first, interval=interval, alpha=alpha,
+        reuse_scale=reuse_scale,
+    )  # fmt: skip
+    assert torch.equal(ranks[0][case]["weights"], ranks[1][case]["weights"])
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r][case]["weights"], expected, rtol=1e-9, atol=1e-10)
+        assert set(ranks[r][case]["searches"]) == search_steps
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
@@ -107,8 +136,8 @@ def test_workers_end_identical(ranks):
         assert ranks[0][case]["logged_alpha"] == ranks[1][case]["logged_alpha"], case
 
 
-def test_ternary_search_takes_the_same_branches_on_every_worker(ranks):
-    first, second = ranks[0]["local_ternary"], ranks[1]["local_ternary"]
+def test_coarse_to_fine_search_takes_the_same_branches_on_every_worker(ranks):
+    first, second = ranks[0]["local_coarse_to_fine"], ranks[1]["local_coarse_to_fine"]
     assert not torch.equal(first["seen"][0]["x"], second["seen"][0]["x"]), "workers must see different data"
     # theta is each worker's own ("local" ascent); what was evaluated, the averaged losses and the choice are shared
     shared = [
@@ -118,7 +147,7 @@ def test_ternary_search_takes_the_same_branches_on_every_worker(ranks):
     assert shared[0] == shared[1] and len(shared[0]) == 6
     assert torch.equal(first["weights"], second["weights"]) and first["alpha"] == second["alpha"]
     for record in first["search_history"]:
-        assert len(record["alphas"]) == len(record["losses"]) <= 7
+        assert len(record["alphas"]) == len(record["losses"]) <= 9
         best = max(record["losses"])
         assert record["losses"][record["alphas"].index(record["alpha"])] == best
 
