@@ -23,7 +23,15 @@ from typing import Any
 from .rules import STEP_RULES, StepRule
 from .search import SEARCHES
 
-__all__ = ["XSAMConfig", "SAM_METHODS", "PERTURBATIONS", "ALPHA_SEARCHES", "MAX_SAM_EPS", "MAX_GRID_POINTS"]
+__all__ = [
+    "XSAMConfig",
+    "SAM_METHODS",
+    "PERTURBATIONS",
+    "ALPHA_SEARCHES",
+    "MAX_SAM_EPS",
+    "MAX_GRID_POINTS",
+    "MAX_RADIUS",
+]
 
 SAM_METHODS = tuple(STEP_RULES)
 PERTURBATIONS = ("local", "global")
@@ -34,6 +42,8 @@ EXTRAPOLATE_AFTER_DROP = 0.05
 MAX_SAM_EPS = 1e-4
 # Each grid point costs one forward pass per search (grid search): more than this is a mistake, not a setting.
 MAX_GRID_POINTS = 1001
+# The norms square the radii: beyond this their squares overflow float32 (3.4e38), and no real setting comes near.
+MAX_RADIUS = 1e18
 
 
 def _number(value: Any) -> bool:
@@ -211,11 +221,13 @@ class XSAMConfig:
         for name, value, valid, allowed in checks:
             if not valid:
                 raise ValueError(f"Invalid {name}: {value!r}; it must be {allowed}")
-        if not math.isfinite(self.search_radius):
-            raise ValueError(
-                f"Invalid rho / rho_max: {self.rho!r} / {self.rho_max!r} give an infinite search radius; use "
-                "finite radii (rho_max=None means 2 * rho)"
-            )
+        for name, value, radius in (("rho", self.rho, self.rho), ("rho_max", self.rho_max, self.search_radius)):
+            if radius > MAX_RADIUS:
+                given = f" (2 * rho = {radius:g})" if value is None else ""
+                raise ValueError(
+                    f"Invalid {name}: {value!r}{given}; a radius must be at most {MAX_RADIUS:g} (the norms square "
+                    "it, and its square overflows float32 beyond that)"
+                )
         if self.alpha_max / self.alpha_step + 1 > MAX_GRID_POINTS:
             raise ValueError(
                 f"Invalid alpha_max / alpha_step: {self.alpha_max!r} / {self.alpha_step!r} give a grid of more than "

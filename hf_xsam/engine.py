@@ -179,6 +179,8 @@ class XSAM:
         self.search_forwards = 0
         self._saved: dict[Tensor, Tensor] = {}
         self._accumulated: dict[Tensor, Tensor] = {}
+        # the parameters earlier micro-batches of the current optimizer step gave a direction (in `_accumulated`)
+        self._step_owners: set[Tensor] = set()
         # sam_reuse: the part of the last sharpness-aware direction orthogonal to its first gradient
         self._reused: dict[Tensor, Tensor] = {}
         self._reuse_fresh = True  # the next sharpness-aware micro-batch starts a new kept direction
@@ -250,8 +252,14 @@ class XSAM:
     # the step
 
     def _active(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The parameters with a gradient, and their (local shards of) weights and gradients."""
+        """The parameters with a gradient, and their (local shards of) weights and gradients.
+
+        In ``"global"`` mode the gradients are averaged over the workers first, and the parameters are those with a
+        gradient on any worker (the same list on every worker, which every later reduction of the step uses).
+        """
         owners = [p for p in self.params if p.grad is not None]
+        if self.config.sam_perturbation == "global" and self.reduce_gradients is not None:
+            owners = self._average_over_workers_(owners)[0]
         return owners, self._locals(owners), self._gradients(owners)
 
     def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
@@ -321,8 +329,9 @@ class XSAM:
             step: index of the optimizer step, for the search schedule.
             epoch: index of the epoch, for the search schedule.
             accumulate: ``True`` for every micro-batch but the last of an optimizer step: the direction is
-                added to an internal buffer and ``p.grad`` is zeroed. On the last micro-batch ``p.grad``
-                receives the sum of all directions and, in ``"local"`` mode, is averaged across workers.
+                added to an internal buffer and ``p.grad`` is cleared. On the last micro-batch ``p.grad`` of every
+                parameter a micro-batch reached receives the sum of its directions and, in ``"local"`` mode, is
+                averaged across workers.
 
         Returns:
             :class:`XSAMStepStats` with the loss at ``w0``, the loss at the ascent point, the angle theta
@@ -332,7 +341,6 @@ class XSAM:
         with torch.enable_grad():
             loss = forward_backward()
         owners, params, first_grads = self._active()
-        self._reduce_if_global(first_grads)
         saved = self.saved_weights(owners)
         torch._foreach_copy_(saved, params)
         try:
@@ -489,27 +497,30 @@ class XSAM:
     def _accumulate(self, owners: list[Tensor], grads: list[Tensor], accumulate: bool, nonfinite: Tensor) -> Tensor:
         """Add this micro-batch's direction to the step's; returns whether the step so far was non-finite.
 
-        On the last micro-batch the flag covers every worker in ``"local"`` mode: it travels in the same
-        all-reduce as the direction (in ``"global"`` mode every worker already saw the same gradients).
+        On the last micro-batch every parameter that any micro-batch of the step reached receives the sum of its
+        directions, and the buffers are left empty, as the Trainer's own accumulation leaves them. In ``"local"``
+        mode the sum is then averaged over the workers, and the flag covers every worker: it travels in the same
+        all-reduce (in ``"global"`` mode every worker already saw the same gradients).
         """
         if self._step_nonfinite is not None:
             nonfinite = nonfinite | self._step_nonfinite
         if accumulate:
             self._step_nonfinite = nonfinite
+            self._step_owners.update(owners)
             torch._foreach_add_(self._buffers(self._accumulated, owners), grads)
             for p in owners:  # the next micro-batch's first pass writes fresh gradients
                 p.grad = None
             return nonfinite
         self._step_nonfinite = None
         if self._accumulated:
+            owners, grads = self._with_earlier_micro_batches(owners, grads)
             accumulated = self._buffers(self._accumulated, owners)
             torch._foreach_add_(grads, accumulated)
             torch._foreach_zero_(accumulated)
-        kept = self._buffers(self._reused, owners) if self.config.sam_reuse else []
-        if self.config.sam_perturbation == "local" and self.reduce_gradients is not None:
-            flag = nonfinite.to(dtype=grads[-1].dtype, device=grads[-1].device).reshape(1)
-            self.reduce_gradients([*grads, *kept, flag])
-            nonfinite = flag[0] > 0
+        local = self.config.sam_perturbation == "local" and self.reduce_gradients is not None
+        kept = self._buffers(self._reused, self.params if local else owners) if self.config.sam_reuse else []
+        if local:
+            nonfinite = self._average_over_workers_(owners, kept, nonfinite)[1]
         if kept:
             self._reuse_fresh = True
             # a skipped step leaves nothing to reuse: zero the kept direction (NaN * 0 is NaN, hence nan_to_num)
@@ -517,6 +528,50 @@ class XSAM:
             for tensor in kept:
                 tensor.nan_to_num_(0.0, 0.0, 0.0)
         return nonfinite
+
+    def _with_earlier_micro_batches(
+        self, owners: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``owners`` and their gradients, extended by the parameters only earlier micro-batches of the step reached
+        (given a zero gradient, to which their accumulated direction is added)."""
+        earlier, self._step_owners = self._step_owners, set()
+        if len(owners) == len(self.params) or earlier.issubset(owners):
+            return owners, grads
+        owners = [p for p in self.params if p.grad is not None or p in earlier]
+        for p in owners:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return owners, self._gradients(owners)
+
+    def _average_over_workers_(
+        self, owners: list[Tensor], extra: Sequence[Tensor] = (), flag: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Average the gradients of all parameters over the workers, with ``extra`` and ``flag``, in one all-reduce.
+
+        Every worker must reduce the same list, whatever its micro-batches reached (a branch, LayerDrop): a parameter
+        without a gradient on this worker counts as zero, as DDP counts it, and one without a gradient on every worker
+        gets none. Returns the parameters with a gradient and whether ``flag`` was set on any worker.
+        """
+        complete = len(owners) == len(self.params)
+        if not complete:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grads = self._gradients(self.params)
+        # which parameters this worker reached, and the flag, in the same reduction as the gradients
+        reached = torch.ones(len(self.params) + 1, dtype=grads[-1].dtype, device=grads[-1].device)
+        if not complete:
+            owned = set(owners)
+            reached[:-1] = torch.tensor([p in owned for p in self.params], dtype=reached.dtype)
+        reached[-1:] = flag.reshape(1) if flag is not None else 0.0
+        self.reduce_gradients([*grads, *extra, reached])
+        if complete:
+            return self.params, reached[-1] > 0
+        # a host read, only on a worker that missed a parameter: which ones no worker reached
+        for p, anywhere in zip(self.params, reached[:-1].tolist()):
+            if not anywhere:
+                p.grad = None
+        return [p for p in self.params if p.grad is not None], reached[-1] > 0
 
     def _search_alpha(
         self,

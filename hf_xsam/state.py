@@ -36,41 +36,104 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def validate_state(state: Any, global_step: int | None = None) -> dict[str, Any]:
+def _real(value: Any) -> bool:
+    """A number a float can hold (NaN and infinities too; not an int too large for a float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _finite(value: Any) -> bool:
+    return _real(value) and math.isfinite(value)
+
+
+def _shown(entry: Mapping[str, Any], name: str) -> str:
+    return f"{entry[name]!r}" if name in entry else "missing"
+
+
+def _validate_search(index: int, entry: Any) -> dict[str, Any]:
+    """One ``search_history`` record: what the model card and the plots read from it must be there and sane."""
+    where = f"search_history[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} is {type(entry).__name__}; it must be an object")
+    if not _finite(entry.get("alpha")):
+        raise ValueError(f"{where}.alpha is {_shown(entry, 'alpha')}; it must be a finite number")
+    if not _real(entry.get("theta")):  # NaN where the search saw a non-finite gradient
+        raise ValueError(f"{where}.theta is {_shown(entry, 'theta')}; it must be a number")
+    if "step" in entry and not _count(entry["step"]):
+        raise ValueError(f"{where}.step is {entry['step']!r}; it must be an integer >= 0")
+    for name in ("losses", "alphas"):
+        values = entry.get(name, [])
+        if not isinstance(values, list) or not all(_real(value) for value in values):
+            raise ValueError(f"{where}.{name} must be a list of numbers")
+    return dict(entry)
+
+
+def validate_state(state: Any, global_step: int | None = None, epoch: float | None = None) -> dict[str, Any]:
     """Check what :meth:`XSAM.state_dict` saved; raise ``ValueError`` naming the first bad field.
 
     Args:
         state: the loaded JSON value.
         global_step: the optimizer step of the checkpoint; a search recorded after it is refused.
+        epoch: the (fractional) epoch of the checkpoint; a search recorded in a later epoch is refused.
+
+    Returns:
+        The saved fields, checked, with their defaults where an older file lacks them.
     """
     if not isinstance(state, Mapping):
         raise ValueError(f"expected a JSON object, got {type(state).__name__}")
     alpha = state.get("alpha", 1.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not _finite(alpha):
         raise ValueError(f"alpha is {alpha!r}; it must be a finite number")
-    for name in ("last_search_step", "last_search_epoch"):
-        value = state.get(name)
+    last_step, last_epoch = state.get("last_search_step"), state.get("last_search_epoch")
+    for name, value in (("last_search_step", last_step), ("last_search_epoch", last_epoch)):
         if value is not None and not _count(value):
             raise ValueError(f"{name} is {value!r}; it must be null or an integer >= 0")
-    step = state.get("last_search_step")
-    if step is not None and global_step is not None and step > global_step:
-        raise ValueError(f"last_search_step is {step}, after the checkpoint's own step {global_step}")
+    if last_step is not None and global_step is not None and last_step > global_step:
+        raise ValueError(f"last_search_step is {last_step}, after the checkpoint's own step {global_step}")
+    if last_epoch is not None and epoch is not None and last_epoch > math.floor(epoch):
+        raise ValueError(f"last_search_epoch is {last_epoch}, after the checkpoint's own epoch {epoch:g}")
+    if (last_step is None) != (last_epoch is None):
+        raise ValueError(
+            f"last_search_step is {last_step!r} and last_search_epoch {last_epoch!r}; both are null (no search "
+            "yet) or both are set"
+        )
     history = state.get("search_history", [])
-    if not isinstance(history, list) or not all(isinstance(entry, Mapping) for entry in history):
-        raise ValueError("search_history must be a list of objects")
+    if not isinstance(history, list):
+        raise ValueError(f"search_history is {type(history).__name__}; it must be a list of objects")
+    history = [_validate_search(index, entry) for index, entry in enumerate(history)]
     count = state.get("search_count", len(history))
-    if not _count(count):
-        raise ValueError(f"search_count is {count!r}; it must be an integer >= 0")
-    return {**state, "alpha": float(alpha), "search_history": list(history), "search_count": count}
+    if not _count(count) or count < len(history):
+        raise ValueError(
+            f"search_count is {count!r}; it must be an integer >= the {len(history)} searches in search_history"
+        )
+    return {
+        "alpha": float(alpha),
+        "last_search_step": last_step,
+        "last_search_epoch": last_epoch,
+        "search_count": count,
+        "search_history": history,
+    }
 
 
-def read_state_file(folder: str, global_step: int | None = None) -> dict[str, Any]:
-    """Load and validate ``folder/xsam_state.json``; errors name the file."""
+def read_state_file(folder: str, global_step: int | None = None, epoch: float | None = None) -> dict[str, Any]:
+    """Load and validate ``folder/xsam_state.json`` (see :func:`validate_state`); errors name the file."""
     path = os.path.join(folder, STATE_NAME)
     try:
         with open(path) as f:
             state = json.load(f)
-        return validate_state(state, global_step)
+        return validate_state(state, global_step, epoch)
+    except OSError as error:  # a directory in its place, no permission
+        raise ValueError(f"{path} cannot be read: {error.strerror}. Resume from another checkpoint") from None
+    except RecursionError:
+        raise ValueError(
+            f"{path} is damaged: its JSON is nested too deeply to be a state file. Resume from another checkpoint, "
+            "or delete the file to start the XSAM schedule afresh"
+        ) from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(
             f"{path} is damaged: {error}. Resume from another checkpoint, or delete the file to "

@@ -346,8 +346,17 @@ class XSAMTrainerMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, STATE_NAME)):
-            self._xsam_pending_state = read_state_file(checkpoint, self.state.global_step)
+        if checkpoint is None:
+            return
+        if os.path.lexists(os.path.join(checkpoint, STATE_NAME)):
+            self._xsam_pending_state = read_state_file(checkpoint, self.state.global_step, self.state.epoch)
+        elif self.args.step_rule.sharpness_aware:
+            # every sharpness-aware run saves it (the engine exists from the first step): it was lost, or the
+            # checkpoint is of a run with sam_method="none"
+            logger.warning(
+                f"{checkpoint} has no {STATE_NAME}: the XSAM schedule starts afresh, with alpha "
+                f"{self.args.initial_alpha:g}" + (" until a new search" if self.args.searches_alpha else "")
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The Trainer's resume, but the weights go through the model's key conversion, all or an error."""

@@ -59,6 +59,46 @@ class TinyClassifier(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
+class RoutedClassifier(nn.Module):
+    """Examples with ``x[:, 0] > 0`` go through head ``a``, the others through head ``b`` (of another size); ``spare``
+    is never used. A batch all on one side leaves the other head without a gradient, as LayerDrop, multi-task heads
+    and conditional branches do."""
+
+    def __init__(self, dtype=torch.float64, seed: int = 0):
+        super().__init__()
+        self.config = PretrainedConfig()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(4, 6, dtype=dtype)
+        self.a = nn.Linear(6, 3, dtype=dtype)
+        self.b = nn.Sequential(nn.Linear(6, 5, dtype=dtype), nn.Tanh(), nn.Linear(5, 3, dtype=dtype))
+        self.spare = nn.Linear(6, 3, dtype=dtype)
+
+    def forward(self, x, labels=None):
+        h = torch.tanh(self.body(x.to(self.body.weight.dtype)))
+        to_a = x[:, 0] > 0
+        logits = h.new_zeros(len(x), 3)
+        if to_a.any():
+            logits[to_a] = self.a(h[to_a])
+        if not to_a.all():
+            logits[~to_a] = self.b(h[~to_a])
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def routed_data(heads: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """One example per character of ``heads`` ("a" or "b"): the head :class:`RoutedClassifier` sends it to."""
+    data = make_data(n=len(heads), seed=seed)
+    sign = torch.tensor([1.0 if head == "a" else -1.0 for head in heads], dtype=data["x"].dtype)
+    # float32 values, as make_data's
+    data["x"][:, 0] = (sign * (data["x"][:, 0].abs() + 0.1)).float().double()
+    return data
+
+
+def moved(before: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
+    """The names of the parameters of ``model`` that differ from ``before``."""
+    return {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+
+
 def make_data(n: int = 16, n_in: int = 4, n_out: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     # float32 values, so that the Trainer's collator (float32) and the float64 reference see the same data

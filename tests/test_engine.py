@@ -8,6 +8,7 @@ import torch
 
 from helpers import TinyClassifier, flat, flat_loss, make_data, trainable
 from hf_xsam import XSAM, XSAMConfig
+from hf_xsam.config import MAX_GRID_POINTS, MAX_RADIUS
 from hf_xsam.geometry import (
     addcmul_scaled_,
     global_dot,
@@ -231,6 +232,41 @@ def test_accumulation_sums_per_micro_batch_directions():
     torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_accumulation_updates_parameters_that_only_an_earlier_micro_batch_reached():
+    """Micro-batch 1 reaches only ``a``, the last only ``b``: each gets its own direction at every step, as the
+    Trainer's accumulation gives it (no direction held back in a buffer, none released later in a burst)."""
+    a = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.5, 1.5, -1.0], dtype=torch.float64))
+    engine = XSAM([a, b], rho=0.1, alpha=1.4, alpha_search_interval=0)
+
+    def closure(param, power):
+        def forward_backward():
+            loss = (param**power).sum()
+            loss.backward()
+            return loss.detach()
+
+        return forward_backward
+
+    def on_a(w):
+        return (w[:2] ** 4).sum()
+
+    def on_b(w):
+        return (w[2:] ** 2 + w[2:] ** 4).sum()
+
+    w = torch.cat([a.detach(), b.detach()])
+    for step in range(3):
+        expected = sum(xsam_direction(loss, w, rho=0.1, alpha=1.4)[0] for loss in (on_a, on_b))
+        engine.step(closure(a, 4), step=step, accumulate=True)
+        engine.step(lambda: closure(b, 2)() + closure(b, 4)(), step=step)
+        assert a.grad is not None and b.grad is not None, f"step {step}"
+        torch.testing.assert_close(torch.cat([a.grad, b.grad]), expected, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():  # SGD
+            for p in (a, b):
+                p -= 0.05 * p.grad
+                p.grad = None
+        w = sgd_step(w, expected, 0.05)
+
+
 def test_search_schedule_and_state_round_trip():
     w = torch.nn.Parameter(torch.ones(2))
     per_epoch = XSAM([w], rho=0.1)
@@ -288,16 +324,44 @@ def test_invalid_settings_are_refused(field, value, match):
         XSAM([torch.nn.Parameter(torch.ones(1))], **{field: value})
 
 
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(alpha_max=1e9), r"Invalid alpha_max / alpha_step: 1000000000.0 / 0.1 give a grid of more than 1001"),
+        (dict(alpha_step=1e-12), r"Invalid alpha_max / alpha_step: 2.0 / 1e-12 give a grid of more than 1001"),
+        (dict(alpha_step=1e-6), r"Invalid alpha_max / alpha_step: 2.0 / 1e-06 give a grid of more than 1001"),
+        (dict(rho=10**400), r"Invalid rho: 10000000000.*; it must be a number > 0"),
+        (dict(rho=1e308), r"Invalid rho: 1e\+308; a radius must be at most 1e\+18"),
+        (dict(rho_max=1e308), r"Invalid rho_max: 1e\+308; a radius must be at most 1e\+18"),
+        (dict(rho=6e17), r"Invalid rho_max: None \(2 \* rho = 1.2e\+18\)"),
+    ],
+)
+def test_settings_that_would_hang_or_overflow_are_refused_at_construction(settings, match):
+    """A grid too large to evaluate (it used to be built first, then hang) and radii whose squares overflow."""
+    with pytest.raises(ValueError, match=match):
+        XSAMConfig(**settings)
+
+
+def test_the_largest_settings_allowed_still_work():
+    config = XSAMConfig(alpha_max=100.0, alpha_step=0.1, rho=1e18 / 2)
+    assert len(config.alpha_grid) == MAX_GRID_POINTS and config.search_radius == MAX_RADIUS
+
+
 def test_no_trainable_parameter_is_refused():
     with pytest.raises(ValueError, match="no parameter with requires_grad"):
         XSAM([torch.ones(2)])
 
 
-def test_step_without_search_reads_nothing_back(monkeypatch):
-    """The hot path never turns a tensor into a Python value (a host-device sync on accelerators)."""
+@pytest.mark.parametrize("workers", [None, "local", "global"])
+def test_step_without_search_reads_nothing_back(monkeypatch, workers):
+    """The hot path never turns a tensor into a Python value (a host-device sync on accelerators); with workers
+    (a reducer that leaves the tensors as they are) neither, when every parameter has a gradient."""
     model = TinyClassifier(dtype=torch.float32, batchnorm=True)
     batch = make_data()
-    engine = XSAM(model.parameters(), rho=0.1, ascent_steps=2, alpha_search_interval=0, modules=model.modules())
+    settings = dict(sam_perturbation=workers, reduce_gradients=lambda tensors: None) if workers else {}
+    engine = XSAM(
+        model.parameters(), rho=0.1, ascent_steps=2, alpha_search_interval=0, modules=model.modules(), **settings
+    )
     forward_backward, loss_only = closures(model, batch)
 
     def no_sync(*args, **kwargs):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
@@ -167,11 +168,71 @@ def resume(checkpoint, tmp_path, state=None, raw=None, **settings):
         ('{"alpha": 1.0, "last_search_step": 99}', "last_search_step is 99, after the checkpoint's own step 3"),
         ('{"alpha": 1.0, "last_search_epoch": -1}', "last_search_epoch is -1"),
         ("[1, 2]", "expected a JSON object"),
+        ('{"alpha": ' + "9" * 400 + "}", "xsam_state.json is damaged: alpha is 9999"),
+        ('{"alpha": 1.0, "search_history": ' + "[" * 10**5 + "]" * 10**5 + "}", "xsam_state.json .*nested too deep"),
+        ('{"alpha": 1.0, "search_history": [{"theta": 3.0}]}', r"damaged: search_history\[0\]\.alpha is missing"),
+        ('{"alpha": 1.0, "search_history": [{"alpha": 1.0}]}', r"damaged: search_history\[0\]\.theta is missing"),
+        (
+            '{"alpha": 1.0, "search_history": [{"alpha": 1.0, "theta": 2.0, "losses": [[1.0]]}]}',
+            r"search_history\[0\]\.losses must be a list of numbers",
+        ),
+        # the checkpoint is at epoch 1.5 (step 3, two steps an epoch)
+        (
+            '{"alpha": 1.0, "last_search_step": 2, "last_search_epoch": 8}',
+            "damaged: last_search_epoch is 8, after the checkpoint's own epoch 1.5",
+        ),
+        ('{"alpha": 1.0, "last_search_step": 2}', "damaged: last_search_step is 2 and last_search_epoch None"),
+        ('{"alpha": 1.0, "search_count": 0, "search_history": [{"alpha": 1.0, "theta": 2.0}]}', "search_count is 0"),
     ],
 )
 def test_a_damaged_state_file_stops_the_resume_naming_file_and_field(checkpoint, tmp_path, raw, match):
     with pytest.raises(ValueError, match=match):
         resume(checkpoint, tmp_path, raw=raw)
+
+
+def test_a_directory_in_place_of_the_state_file_stops_the_resume(checkpoint, tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(checkpoint, folder)
+    (folder / STATE_NAME).unlink()
+    (folder / STATE_NAME).mkdir()
+    args = args_for(tmp_path, max_steps=4, save_strategy="no", optim="sgd")
+    trainer = XSAMTrainer(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=8)))
+    with pytest.raises(ValueError, match=r"checkpoint-3/xsam_state.json cannot be read: Is a directory"):
+        trainer.train(resume_from_checkpoint=str(folder))
+
+
+@pytest.mark.parametrize("sam_method, warnings", [("xsam", 1), ("none", 0)])
+def test_a_missing_state_file_starts_the_schedule_afresh_with_one_warning(
+    checkpoint, tmp_path, caplog, sam_method, warnings
+):
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(checkpoint, folder)
+    (folder / STATE_NAME).unlink()
+    args = args_for(tmp_path, max_steps=4, save_strategy="no", optim="sgd", sam_method=sam_method)
+    trainer = XSAMTrainer(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=8)))
+    with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
+        trainer.train(resume_from_checkpoint=str(folder))
+    notes = [r.message for r in caplog.records if STATE_NAME in r.message]
+    assert len(notes) == warnings
+    if warnings:
+        assert "checkpoint-3 has no xsam_state.json: the XSAM schedule starts afresh" in notes[0]
+        # as a fresh engine: alpha 1 until its first search, which comes at once (step 3)
+        assert [search["step"] for search in trainer.xsam.search_history] == [3]
+        assert trainer.xsam.search_count == 1
+
+
+def test_a_state_with_a_nonfinite_search_round_trips(tmp_path):
+    state = {
+        "alpha": 1.0,
+        "last_search_step": 0,
+        "last_search_epoch": 0,
+        "search_count": 1,
+        "search_history": [{"alpha": 1.0, "theta": float("nan"), "losses": [], "step": 0}],
+    }
+    write_state_file(str(tmp_path), state)
+    loaded = read_state_file(str(tmp_path), global_step=1, epoch=0.5)
+    assert math.isnan(loaded["search_history"][0].pop("theta"))
+    assert loaded["search_history"] == [{"alpha": 1.0, "losses": [], "step": 0}]
 
 
 def test_state_file_is_written_atomically(tmp_path, monkeypatch):

@@ -5,10 +5,22 @@ import logging
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
+from datasets import Dataset
+from transformers import MarianConfig, MarianMTModel, Trainer, TrainerCallback
 
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
-from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
+from helpers import (
+    RoutedClassifier,
+    SequentialXSAMTrainer,
+    TinyClassifier,
+    as_dataset,
+    flat,
+    flat_loss,
+    make_data,
+    moved,
+    routed_data,
+)
+from hf_xsam import XSAM, XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer, XSAMTrainingArguments
+from reference import xsam_direction
 
 N, BATCH = 12, 4
 
@@ -189,6 +201,113 @@ def test_parameters_first_reached_after_the_first_pass_get_no_update(tmp_path, a
     trainer.train()
     assert torch.equal(model.late.detach(), torch.zeros(3))
     assert not torch.equal(flat(model)[:-3], before[:-3]), "the others train"
+
+
+class MovedAtEachStep(TrainerCallback):
+    """The names of the parameters each optimizer step changed."""
+
+    def __init__(self):
+        self.moved = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.moved.append(moved(self.before, model))
+
+
+@pytest.mark.parametrize("settings", [dict(sam_method="sam"), dict(alpha=1.4)], ids=["sam", "xsam"])
+def test_a_head_only_the_first_micro_batch_reached_moves_as_with_the_plain_trainer(tmp_path, settings):
+    data = routed_data("aabb" * 3)  # every step: micro-batch 0 through head a, micro-batch 1 through head b
+    runs = {}
+    for name, method in {"none": dict(sam_method="none"), "sharpness_aware": settings}.items():
+        model, steps = RoutedClassifier(), MovedAtEachStep()
+        args = args_for(
+            tmp_path / name, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method
+        )
+        SequentialXSAMTrainer(model=model, args=args, train_dataset=as_dataset(data), callbacks=[steps]).train()
+        runs[name] = model, steps.moved
+    used = {name for name, _ in RoutedClassifier().named_parameters() if not name.startswith("spare")}
+    assert runs["none"][1] == [used] * 3
+    assert runs["sharpness_aware"][1] == runs["none"][1]
+    # the float64 reference: per step the sum of both micro-batches' directions (loss scaled by 1/2), SGD
+    reference, alpha = RoutedClassifier(), settings.get("alpha", 1.0)
+    w = flat(reference)
+    for step in range(3):
+        micro = [{k: v[start : start + 2] for k, v in data.items()} for start in (4 * step, 4 * step + 2)]
+        losses = [(lambda f: lambda v: 0.5 * f(v))(flat_loss(reference, batch)) for batch in micro]
+        w = w - 0.1 * sum(xsam_direction(loss, w, rho=0.2, alpha=alpha)[0] for loss in losses)
+    torch.testing.assert_close(flat(runs["sharpness_aware"][0]), w, rtol=1e-9, atol=1e-10)
+
+
+class LayersWithGradient(TrainerCallback):
+    """Per optimizer step, the decoder layers whose parameters hold a gradient when the optimizer steps."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        layers = model.model.decoder.layers
+        graded = [[p.grad is not None for p in layer.parameters()] for layer in layers]
+        assert all(all(g) or not any(g) for g in graded), "a layer is updated whole or not at all"
+        self.steps.append({i for i, g in enumerate(graded) if all(g)})
+
+
+@pytest.mark.parametrize("sam_method", ["none", "xsam"])
+def test_marian_decoder_layerdrop_under_accumulation_updates_what_any_micro_batch_ran(tmp_path, sam_method):
+    """A decoder layer that the pass of any micro-batch of the step ran (the first pass, with XSAM) is updated at
+    that step, one that none ran is not: the plain Trainer's rule, which the "none" run confirms."""
+    config = MarianConfig(
+        vocab_size=20,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=3,
+        decoder_layerdrop=0.5,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=8,
+        decoder_ffn_dim=8,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+    )
+    tokens = torch.randint(1, 20, (24, 5), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.manual_seed(0)
+    model = MarianMTModel(config)
+    args = XSAMSeq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        optim="sgd",
+        learning_rate=0.1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+        sam_method=sam_method,
+        rho=0.05,
+        seed=0,
+    )
+    layers = LayersWithGradient()
+    trainer = XSAMSeq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": tokens, "labels": tokens}),
+        callbacks=[layers],
+    )
+    ran = []  # per micro-batch: the decoder layers its (first) pass ran
+    decoder = model.model.decoder
+    decoder.register_forward_pre_hook(lambda module, inputs: None if trainer._xsam_extra_pass else ran.append(set()))
+    for index, layer in enumerate(decoder.layers):
+        layer.register_forward_pre_hook(
+            lambda module, inputs, index=index: None if trainer._xsam_extra_pass else ran[-1].add(index)
+        )
+    trainer.train()
+    expected = [ran[2 * step] | ran[2 * step + 1] for step in range(6)]
+    assert layers.steps == expected
+    assert any(ran[2 * step] - ran[2 * step + 1] for step in range(6)), "a layer only the first micro-batch ran"
+    assert any(len(layers) < 3 for layers in expected), "a layer no micro-batch ran"
 
 
 def test_radius_below_float_resolution_falls_back_to_sam_and_keeps_training(tmp_path, caplog):

@@ -13,7 +13,7 @@ from helpers import TinyClassifier, flat, flat_loss, make_data
 from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
 from hf_xsam.model_card import xsam_section
 from hf_xsam.plots import save_xsam_plots
-from hf_xsam.search import best_index, coarse_to_fine_search, grid_search
+from hf_xsam.search import _fibonacci, best_index, coarse_to_fine_search, grid_search
 from reference import xsam_direction
 
 GRID = [round(0.1 * i, 10) for i in range(21)]
@@ -77,6 +77,40 @@ def test_coarse_to_fine_finds_every_peak_position_of_21_points_in_at_most_9_eval
     evaluate, counts = counting(curve)
     index, seen = coarse_to_fine_search(GRID, evaluate)
     assert index == peak and len(seen) <= 9 and sum(counts.values()) == len(seen)
+
+
+def test_coarse_to_fine_keeps_the_higher_of_two_peaks_like_early_training():
+    # early in training the arc often has a high peak near alpha 0.5 and a lower one near 1.6; a bracket started
+    # from the whole grid (a plain Fibonacci search) climbs the lower one
+    rng = random.Random(2)
+    for _ in range(3000):
+        high, low = rng.uniform(0.3, 0.7), rng.uniform(1.4, 1.9)
+        height, width = rng.uniform(0.5, 1.0), rng.uniform(0.3, 0.6)
+        second, second_width = height * rng.uniform(0.1, 0.7), rng.uniform(0.15, 0.4)
+        curve = [
+            2 + height * math.exp(-(((a - high) / width) ** 2)) + second * math.exp(-(((a - low) / second_width) ** 2))
+            for a in GRID
+        ]
+        evaluate, counts = counting(curve)
+        index, seen = coarse_to_fine_search(GRID, evaluate)
+        assert index == grid_search(GRID, counting(curve)[0])[0] and GRID[index] < 1.0, curve
+        assert len(seen) <= 9 and max(counts.values()) == 1
+
+
+def test_coarse_to_fine_on_two_peaks_where_a_whole_grid_fibonacci_search_climbs_the_lower_one():
+    # the shape of a first search at rho 0.2 (docs/search.md): 3.116 at alpha 0.5, down to 2.26, a second peak
+    # past 1.5; a Fibonacci search over the whole grid first compares alpha 1.2 with 2.0 and keeps the right part
+    curve = [
+        2.26 + 0.856 * math.exp(-(((a - 0.5) / 0.35) ** 2)) + 0.09 * math.exp(-(((a - 1.7) / 0.4) ** 2)) for a in GRID
+    ]
+    whole_grid: dict[int, float] = {}
+    _fibonacci(GRID, whole_grid, counting(curve)[0], 1.0, -1, len(GRID))
+    assert GRID[best_index(whole_grid, GRID)] == 1.7
+    assert (
+        GRID[coarse_to_fine_search(GRID, counting(curve)[0])[0]]
+        == 0.5
+        == GRID[grid_search(GRID, counting(curve)[0])[0]]
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data
+from helpers import RoutedClassifier, SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, make_data, routed_data
 from hf_xsam import XSAMTrainingArguments
 
 N, LR = 16, 0.5
@@ -36,6 +36,18 @@ CASES = {
     ),
     "local_start_accumulation": dict(rho=0.3, max_steps=4, gradient_accumulation_steps=2, sam_start_ratio=0.5),
 }
+# Batch j of two examples goes to rank j % 2, as micro-batch j // 2 % 2 of step j // 4. Step 0: rank 0 uses head a
+# only, rank 1 head b only; step 1: head b only in rank 0's first micro-batch; step 2: head b nowhere.
+ROUTES = "aabbaabb" + "abaaaaaa" + "aaaaaaaa"
+ROUTED = dict(max_steps=3, gradient_accumulation_steps=2, ddp_find_unused_parameters=True, logging_steps=1000, rho=0.3)
+ROUTED_CASES = {
+    "routed_local": dict(alpha_search_interval=2),
+    "routed_global": dict(alpha_search_interval=2, sam_perturbation="global"),
+    "routed_none": dict(sam_method="none"),
+}
+# all-reduce calls per step without a search or a log: the engine's against the plain Trainer's
+COUNTED = dict(max_steps=4, logging_steps=1000, alpha_search_interval=0, rho=0.3)
+COUNTED_CASES = {"count_local": {}, "count_none": dict(sam_method="none")}
 
 
 class RecordingTrainer(SequentialXSAMTrainer):
@@ -64,8 +76,35 @@ class WeightsAfterEachStep(TrainerCallback):
         self.weights.append(flat(model))
 
 
+class GradientsAtEachStep(TrainerCallback):
+    """The names of the parameters holding a gradient when the optimizer steps, and the all-reduce calls so far."""
+
+    def __init__(self):
+        self.graded, self.all_reduces = [], []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.graded.append({name for name, p in model.named_parameters() if p.grad is not None})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.all_reduces.append(ALL_REDUCES[0])
+
+
+ALL_REDUCES = [0]
+_all_reduce = torch.distributed.all_reduce
+
+
+def counting_all_reduce(*args, **kwargs):
+    ALL_REDUCES[0] += 1
+    return _all_reduce(*args, **kwargs)
+
+
 def run(
-    output_dir: Path, resume: str | None = None, trainer_class: type = RecordingTrainer, **settings
+    output_dir: Path,
+    resume: str | None = None,
+    trainer_class: type = RecordingTrainer,
+    model_class: type = TinyClassifier,
+    data: dict | None = None,
+    **settings,
 ) -> RecordingTrainer:
     defaults = dict(
         extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
@@ -82,18 +121,19 @@ def run(
         save_strategy="no",
     )
     args = XSAMTrainingArguments(output_dir=str(output_dir), **{**defaults, **settings})
-    weights = WeightsAfterEachStep()
-    weights.weights = [flat(TinyClassifier())]
-    trainer = trainer_class(
-        model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=N)), callbacks=[weights]
-    )
-    trainer.seen, trainer.weights = [], weights.weights
+    model, weights, gradients = model_class(), WeightsAfterEachStep(), GradientsAtEachStep()
+    weights.weights = [flat(model)]
+    data = make_data(n=N) if data is None else data
+    trainer = trainer_class(model=model, args=args, train_dataset=as_dataset(data), callbacks=[weights, gradients])
+    trainer.seen, trainer.weights, trainer.gradients = [], weights.weights, gradients
+    ALL_REDUCES[0] = 0
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
 def main(out: Path) -> None:
     rank = int(os.environ["RANK"])
+    torch.distributed.all_reduce = counting_all_reduce
     results = {}
     for name, settings in CASES.items():
         trainer = run(out / name, **settings)
@@ -127,6 +167,16 @@ def main(out: Path) -> None:
             "weights": bad.weights,
             "nonfinite": [e["xsam/nonfinite"] for e in bad.state.log_history if "xsam/nonfinite" in e],
         }
+    for name, settings in ROUTED_CASES.items():
+        trainer = run(out / name, model_class=RoutedClassifier, data=routed_data(ROUTES), **ROUTED, **settings)
+        results[name] = {
+            "weights": flat(trainer.model),
+            "seen": trainer.seen,
+            "graded": trainer.gradients.graded,
+            "all_reduces": trainer.gradients.all_reduces,
+        }
+    for name, settings in COUNTED_CASES.items():
+        results[name] = run(out / name, **COUNTED, **settings).gradients.all_reduces
     torch.save(results, out / f"rank{rank}.pt")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TinyClassifier, flat, flat_loss, make_data
+from helpers import RoutedClassifier, TinyClassifier, flat, flat_loss, make_data
 from reference import gradient, orthogonal_part, reused_direction, xsam_direction
 
 TESTS = Path(__file__).parent
@@ -67,11 +67,21 @@ def scaled(loss, factor):
 
 
 def expected_weights(
-    seen, mode, accumulation, steps, search_steps, rho=0.3, first=0, interval=1, alpha=None, reuse_scale=None
+    seen,
+    mode,
+    accumulation,
+    steps,
+    search_steps,
+    rho=0.3,
+    first=0,
+    interval=1,
+    alpha=None,
+    reuse_scale=None,
+    model_class=TinyClassifier,
 ):
     """Float64 SGD over what every worker saw: sharpness-aware steps from ``first`` every ``interval`` steps, plain
     steps (plus the kept direction with ``reuse_scale``) otherwise; alpha fixed, or searched on ``search_steps``."""
-    model = TinyClassifier()
+    model = model_class()
     w, alpha, kept = flat(model), 1.0 if alpha is None else alpha, None
     for step in range(steps):
         micro = [[as_float64(seen[r][step * accumulation + m]) for m in range(accumulation)] for r in range(WORLD)]
@@ -156,6 +166,36 @@ def test_resume_from_multi_worker_checkpoint(ranks):
     for r in range(WORLD):
         assert torch.equal(ranks[r]["resume"]["straight"], ranks[r]["resume"]["resumed"])
         assert ranks[r]["resume"]["alphas"][0] == ranks[r]["resume"]["alphas"][1]
+
+
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_ddp_with_a_head_one_rank_does_not_use(ranks, mode):
+    """ddp_find_unused_parameters: the ranks stay equal and match the reference, in which a head a worker did not use
+    has a zero gradient there; the optimizer sees the gradients plain DDP gives it (none for a head no rank used)."""
+    case = ranks[0][f"routed_{mode}"], ranks[1][f"routed_{mode}"]
+    seen = [case[r]["seen"] for r in range(WORLD)]
+    expected, _ = expected_weights(seen, mode, 2, 3, {0, 2}, model_class=RoutedClassifier)
+    for r in range(WORLD):
+        torch.testing.assert_close(case[r]["weights"], expected, rtol=1e-9, atol=1e-10)
+    assert torch.equal(case[0]["weights"], case[1]["weights"])
+    used = {name for name, _ in RoutedClassifier().named_parameters() if not name.startswith("spare")}
+    plain = [ranks[r]["routed_none"]["graded"] for r in range(WORLD)]
+    assert plain[0] == plain[1] == [used, used, {name for name in used if not name.startswith("b.")}]
+    assert case[0]["graded"] == case[1]["graded"] == plain[0]
+
+
+def test_the_engine_adds_one_all_reduce_per_step_in_local_mode(ranks):
+    def per_step(counts):
+        return [b - a for a, b in zip([0, *counts], counts)]
+
+    for r in range(WORLD):
+        plain, local = per_step(ranks[r]["count_none"]), per_step(ranks[r]["count_local"])
+        assert [x - p for x, p in zip(local, plain)] == [1] * 4, (local, plain)
+        # with a head unused on a rank too (step 1 does not search)
+        routed = (
+            per_step(ranks[r]["routed_local"]["all_reduces"])[1] - per_step(ranks[r]["routed_none"]["all_reduces"])[1]
+        )
+        assert routed == 1
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw_torch_fused"])
