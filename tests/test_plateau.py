@@ -103,6 +103,8 @@ def test_the_reference_loss_is_saved_with_the_state_and_restored():
     old = {k: v for k, v in state.items() if k != "first_search_loss"}  # a checkpoint from before the setting
     resumed.load_state_dict(old)
     assert resumed.first_search_loss is None, "the next search becomes the reference"
+    with pytest.raises(ValueError, match=r"first_search_loss is 'x'; it must be null or a finite number"):
+        resumed.load_state_dict({**state, "first_search_loss": "x"})
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, math.nan, "0.05"])
