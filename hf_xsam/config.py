@@ -36,6 +36,8 @@ __all__ = [
 SAM_METHODS = tuple(STEP_RULES)
 PERTURBATIONS = ("local", "global")
 ALPHA_SEARCHES = tuple(SEARCHES)
+# The default extrapolate_after_drop, from the measurements in docs/method.md ("XSAM with SGD").
+EXTRAPOLATE_AFTER_DROP = 0.05
 # An epsilon of this size or more is no longer negligible next to gradient norms and distorts theta.
 MAX_SAM_EPS = 1e-4
 # Each grid point costs one forward pass per search (grid search): more than this is a mistake, not a setting.
@@ -97,6 +99,16 @@ class XSAMConfig:
             "maximum and falls after it, and the higher peak of two. Both keep the largest loss, the alpha closest "
             "to 1 among equal ones.",
             "choices": list(ALPHA_SEARCHES),
+        },
+    )
+    extrapolate_after_drop: float = field(
+        default=EXTRAPOLATE_AFTER_DROP,
+        metadata={
+            "help": "The alpha search may go past SAM (alpha > 1) only where the loss at w0 on the search batch "
+            "lies this fraction below the first search's; above that a searched alpha past 1 is capped at 1. "
+            "With SGD an extrapolated alpha on the plateau at the start of training (every direction about as "
+            "sharp, the arc's edge winning by a hair) can hold training at chance level (docs/method.md). 0 is "
+            "the paper's rule exactly."
         },
     )
     sam_interval: int = field(
@@ -168,6 +180,12 @@ class XSAMConfig:
             ("alpha", self.alpha, _number(self.alpha), "a finite number"),
             ("alpha_max", self.alpha_max, _number(self.alpha_max) and self.alpha_max >= 0, "a number >= 0"),
             ("alpha_step", self.alpha_step, _number(self.alpha_step) and self.alpha_step > 0, "a number > 0"),
+            (
+                "extrapolate_after_drop",
+                self.extrapolate_after_drop,
+                _number(self.extrapolate_after_drop) and 0 <= self.extrapolate_after_drop < 1,
+                "a number in [0, 1) (0 = the paper's rule: alpha > 1 from the first search on)",
+            ),
             (
                 "alpha_search_interval",
                 interval,

@@ -9,22 +9,28 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
     d = ||g_k|| u(alpha);  w <- w0 (exact copy);  grad <- d
 
 On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
-evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``).
+evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``). With
+``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped at 1 until the loss has fallen that fraction.
 
 Example:
     >>> import torch
     >>> from hf_xsam.engine import XSAM
     >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    >>> engine = XSAM([w], rho=0.1)
     >>> def forward_backward():
     ...     loss = (w ** 4).sum()
     ...     loss.backward()
     ...     return loss.detach()
-    >>> loss = engine.step(forward_backward, lambda: (w ** 4).sum(), step=0)
-    >>> engine.alpha  # searched on the first step
+    >>> paper = XSAM([w], rho=0.1, extrapolate_after_drop=0.0)
+    >>> loss = paper.step(forward_backward, lambda: (w ** 4).sum(), step=0)
+    >>> paper.alpha  # searched on the first step: the arc's largest loss
     2.0
     >>> w.tolist()  # restored exactly; w.grad holds the XSAM direction
     [1.0, 2.0]
+    >>> w.grad = None
+    >>> engine = XSAM([w], rho=0.1)
+    >>> loss = engine.step(forward_backward, lambda: (w ** 4).sum(), step=0)
+    >>> engine.alpha, engine.search_history[-1]["capped"]  # the first search: no drop of the loss yet
+    (1.0, 2.0)
 """
 
 from __future__ import annotations
@@ -166,6 +172,8 @@ class XSAM:
         self.last_search_step: int | None = None
         self.last_search_epoch: int | None = None
         self.search_count = 0
+        # extrapolate_after_drop: the loss at w0 of the first search, the reference for the drop
+        self.first_search_loss: float | None = None
         self.search_history: deque[dict[str, Any]] = deque(maxlen=SEARCH_HISTORY_LENGTH)
         # forward passes of the alpha searches so far (the search's cost, for the logs)
         self.search_forwards = 0
@@ -201,6 +209,7 @@ class XSAM:
             "last_search_epoch": self.last_search_epoch,
             "search_count": self.search_count,
             "search_history": list(self.search_history),
+            "first_search_loss": self.first_search_loss,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> list[str]:
@@ -218,6 +227,8 @@ class XSAM:
         self.search_history = deque(state["search_history"], maxlen=SEARCH_HISTORY_LENGTH)
         self.last_search_step = state.get("last_search_step")
         self.last_search_epoch = state.get("last_search_epoch")
+        # a checkpoint from before extrapolate_after_drop has none: the next search becomes the reference
+        self.first_search_loss = state.get("first_search_loss")
         saved_alpha, config = state["alpha"], self.config
         on_grid = any(abs(saved_alpha - a) < 1e-9 for a in config.alpha_grid)
         if config.searches_alpha and on_grid:
@@ -437,6 +448,20 @@ class XSAM:
         grad_norm, kept_norm = self._norms(grads, kept)
         addcmul_scaled_(grads, kept, self.config.sam_reuse_scale * grad_norm / (kept_norm + self.config.sam_eps))
 
+    def _cap_before_drop(self, grid: list[float], index: int, loss0: float, record: dict[str, Any]) -> int:
+        """``extrapolate_after_drop``: the grid index to keep, given the search's choice and its loss ``loss0`` at ``w0``.
+
+        While ``loss0`` is above ``1 - extrapolate_after_drop`` times the first search's (training has not left
+        its start), an alpha past 1 is capped at the grid point nearest 1 (SAM).
+        """
+        if self.first_search_loss is None:
+            self.first_search_loss = loss0
+        threshold = (1 - self.config.extrapolate_after_drop) * self.first_search_loss
+        if grid[index] <= 1 or loss0 <= threshold or self.first_search_loss <= 0:
+            return index
+        record["capped"] = grid[index]
+        return min(range(len(grid)), key=lambda i: (abs(grid[i] - 1.0), grid[i]))
+
     def _drop_late_gradients(self, owners: list[Tensor]) -> None:
         """Parameters without a gradient in the first pass get none from this micro-batch.
 
@@ -578,13 +603,13 @@ class XSAM:
         along_gradient = (self.config.search_radius * c1 / (plane.grad_norm + self.config.sam_eps)).tolist()
         with replayed_random_state(params[0].device) as replay:
 
-            def evaluate(indices: Sequence[int]) -> list[float]:
+            def losses_at(points: Sequence[tuple[float, float]]) -> list[float]:
+                """The (worker-averaged) losses at ``w0 + a (w_k - w0) + b g_k`` for each ``(a, b)``."""
                 losses = []
-                for i in indices:
-                    # w0 + rho_max u(alpha_i), from the saved copy
+                for along_d, along_g in points:
                     torch._foreach_copy_(params, saved)
-                    torch._foreach_add_(params, displacement, alpha=along_displacement[i])
-                    torch._foreach_add_(params, grads, alpha=along_gradient[i])
+                    torch._foreach_add_(params, displacement, alpha=along_d)
+                    torch._foreach_add_(params, grads, alpha=along_g)
                     losses.append(replay(loss_only).detach().float().reshape(()))
                     for module in self.fsdp_modules:
                         module.reshard()
@@ -593,17 +618,22 @@ class XSAM:
                     self.reduce_losses(losses_tensor)
                 return losses_tensor.tolist()
 
+            def evaluate(indices: Sequence[int]) -> list[float]:
+                # w0 + rho_max u(alpha_i), from the saved copy
+                return losses_at([(along_displacement[i], along_gradient[i]) for i in indices])
+
             index, seen = SEARCHES[self.config.alpha_search](grid, evaluate)
-        self.search_forwards += len(seen)
+            self.search_forwards += len(seen)
+            record: dict[str, Any] = {}
+            if self.config.extrapolate_after_drop > 0 and index is not None:
+                (record["loss0"],) = losses_at([(0.0, 0.0)])
+                self.search_forwards += 1
+                index = self._cap_before_drop(grid, index, record["loss0"], record)
         torch._foreach_copy_(params, displacement)
         if index is not None:
             self.alpha = grid[index]
         evaluated = sorted(seen)
-        record: dict[str, Any] = {
-            "alpha": self.alpha,
-            "theta": math.degrees(theta.item()),
-            "losses": [seen[i] for i in evaluated],
-        }
+        record.update(alpha=self.alpha, theta=math.degrees(theta.item()), losses=[seen[i] for i in evaluated])
         if len(evaluated) < len(grid):
             record["alphas"] = [grid[i] for i in evaluated]
         self.search_history.append(record)

@@ -34,7 +34,15 @@ SHARPNESS_SETTINGS = (
     "sam_eps",
 )
 # the settings that only a searched alpha reads
-SEARCH_SETTINGS = ("rho_max", "alpha", "alpha_max", "alpha_step", "alpha_search", "alpha_search_interval")
+SEARCH_SETTINGS = (
+    "rho_max",
+    "alpha",
+    "alpha_max",
+    "alpha_step",
+    "alpha_search",
+    "alpha_search_interval",
+    "extrapolate_after_drop",
+)
 
 
 @dataclass(frozen=True)

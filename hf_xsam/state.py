@@ -111,12 +111,16 @@ def validate_state(state: Any, global_step: int | None = None, epoch: float | No
         raise ValueError(
             f"search_count is {count!r}; it must be an integer >= the {len(history)} searches in search_history"
         )
+    first_loss = state.get("first_search_loss")  # extrapolate_after_drop's reference; absent in older files
+    if first_loss is not None and not _finite(first_loss):
+        raise ValueError(f"first_search_loss is {first_loss!r}; it must be null or a finite number")
     return {
         "alpha": float(alpha),
         "last_search_step": last_step,
         "last_search_epoch": last_epoch,
         "search_count": count,
         "search_history": history,
+        "first_search_loss": None if first_loss is None else float(first_loss),
     }
 
 

@@ -39,6 +39,8 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
+    ResNetConfig,
+    ResNetForImageClassification,
     TrainerCallback,
     ViTConfig,
     ViTForImageClassification,
@@ -66,6 +68,7 @@ logger = logging.getLogger(__name__)
 # without any of these options the script runs on its embedded data and model, with EMBEDDED_DEFAULTS
 DATA_OPTIONS = {"dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
 DATA_AND_MODEL_OPTIONS = DATA_OPTIONS | {"model_name_or_path"}
+ARCHITECTURES = ("vit", "resnet")
 EMBEDDED_DATASET = "scikit-learn digits (8x8)"
 EMBEDDED_DATASET_TYPE = "sklearn-digits"  # not a Hub dataset: the model-index needs a type, this one names the source
 EMBEDDED_DEFAULTS = {
@@ -91,7 +94,7 @@ EMBEDDED_DEFAULTS = {
 
 @dataclass
 class ModelArguments:
-    """What to fine-tune, or which ViT to build from a config."""
+    """What to fine-tune, or which ViT or ResNet to build from a config."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -109,13 +112,37 @@ class ModelArguments:
         default=False,
         metadata={"help": "Load a checkpoint whose classifier has another number of labels (with a new head)."},
     )
-    image_size: int = field(default=32, metadata={"help": "From scratch: input resolution of the ViT."})
+    architecture: str = field(
+        default="vit",
+        metadata={
+            "help": "From scratch: 'vit' (a ViT, sizes below) or 'resnet' (a ResNet with BatchNorm, basic blocks, "
+            "sizes --resnet_embedding_size/--resnet_hidden_sizes/--resnet_depths).",
+            "choices": list(ARCHITECTURES),
+        },
+    )
+    image_size: int = field(default=32, metadata={"help": "From scratch: input resolution."})
     patch_size: int = field(default=4, metadata={"help": "From scratch: patch size."})
     hidden_size: int = field(default=64, metadata={"help": "From scratch: hidden size."})
     num_hidden_layers: int = field(default=4, metadata={"help": "From scratch: transformer layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "From scratch: attention heads."})
     intermediate_size: int = field(default=128, metadata={"help": "From scratch: feed-forward size."})
-    dropout: float = field(default=0.1, metadata={"help": "From scratch: dropout probability."})
+    dropout: float = field(default=0.1, metadata={"help": "From scratch: dropout probability (ViT)."})
+    resnet_embedding_size: int = field(default=16, metadata={"help": "From scratch, ResNet: channels of the stem."})
+    resnet_hidden_sizes: list[int] = field(
+        default_factory=lambda: [16, 32, 64], metadata={"help": "From scratch, ResNet: channels of each stage."}
+    )
+    resnet_depths: list[int] = field(
+        default_factory=lambda: [1, 1, 1], metadata={"help": "From scratch, ResNet: basic blocks in each stage."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Invalid architecture: {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if len(self.resnet_hidden_sizes) != len(self.resnet_depths):
+            raise ValueError(
+                f"Invalid resnet_depths: {self.resnet_depths}; give one depth per stage of resnet_hidden_sizes "
+                f"{self.resnet_hidden_sizes}"
+            )
 
 
 @dataclass
@@ -292,6 +319,31 @@ class FollowEpoch(TrainerCallback):
         self.images.epoch = int(state.epoch or 0)
 
 
+def model_from_config(model_args: ModelArguments, id2label: dict[int, str]) -> torch.nn.Module:
+    """A new ViT or ResNet (``--architecture``) of the sizes in ``model_args``; nothing is downloaded."""
+    labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if model_args.architecture == "resnet":
+        config = ResNetConfig(
+            embedding_size=model_args.resnet_embedding_size,
+            hidden_sizes=model_args.resnet_hidden_sizes,
+            depths=model_args.resnet_depths,
+            layer_type="basic",
+            **labels,
+        )
+        return ResNetForImageClassification(config)
+    config = ViTConfig(
+        image_size=model_args.image_size,
+        patch_size=model_args.patch_size,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        hidden_dropout_prob=model_args.dropout,
+        **labels,
+    )
+    return ViTForImageClassification(config)
+
+
 def main() -> None:
     # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMTrainingArguments))
@@ -313,19 +365,9 @@ def main() -> None:
 
     # 6. Model and image processor
     if model_args.model_name_or_path is None:
-        config = ViTConfig(
-            image_size=model_args.image_size,
-            patch_size=model_args.patch_size,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size,
-            hidden_dropout_prob=model_args.dropout,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
+        model = built_from_config(
+            model_from_config(model_args, id2label), training_args, f"a {model_args.architecture}"
         )
-        model = built_from_config(ViTForImageClassification(config), training_args, "a ViT")
         size = {"height": model_args.image_size, "width": model_args.image_size}
         image_processor = ViTImageProcessorPil(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     else:

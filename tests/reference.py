@@ -37,8 +37,13 @@ def xsam_direction(
     alpha_max: float = 2.0,
     alpha_step: float = 0.1,
     eps: float = 1e-12,
+    cap_at_one: bool = False,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """The XSAM update direction at ``w0``, the alpha used and the search losses (empty without search)."""
+    """The XSAM update direction at ``w0``, the alpha used and the search losses (empty without search).
+
+    ``cap_at_one``: a searched alpha above 1 becomes the grid point nearest 1 (hf_xsam's ``extrapolate_after_drop``
+    before the loss has fallen enough).
+    """
     w0 = w0.double()
     w = w0.clone()
     for _ in range(k):
@@ -55,6 +60,8 @@ def xsam_direction(
         with torch.no_grad():
             losses = [float(loss(w0 + rho_max * slerp(v0, v1, theta, a))) for a in grid]
         alpha = grid[losses.index(max(losses))]
+        if cap_at_one and alpha > 1:
+            alpha = min(grid, key=lambda a: (abs(a - 1.0), a))
     return g_k.norm() * slerp(v0, v1, theta, alpha), alpha, losses
 
 

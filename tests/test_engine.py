@@ -50,7 +50,9 @@ def engine_direction(model, batch, **settings):
         dict(rho=0.1, ascent_steps=3, alpha=1.0, alpha_search_interval=0),  # 3-step SAM
         dict(rho=0.1, ascent_steps=1, alpha=0.0, alpha_search_interval=0),  # v0 ("SGD+")
         dict(rho=0.2, ascent_steps=2, alpha=1.6, alpha_search_interval=0),  # fixed alpha past g_k
-        dict(rho=0.3, ascent_steps=1),  # searched alpha
+        dict(rho=0.3, ascent_steps=1, extrapolate_after_drop=0.0),  # searched alpha, the paper's rule
+        dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25, extrapolate_after_drop=0.0),
+        dict(rho=0.3, ascent_steps=1),  # the default: a first search caps alpha at 1
         dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25),
     ],
 )
@@ -68,6 +70,7 @@ def test_direction_matches_reference(settings):
         rho_max=settings.get("rho_max"),
         alpha_max=settings.get("alpha_max", 2.0),
         alpha_step=settings.get("alpha_step", 0.1),
+        cap_at_one=settings.get("extrapolate_after_drop", XSAMConfig().extrapolate_after_drop) > 0,
     )
     before, direction, after, engine = engine_direction(model, batch, **settings)
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "weights must be restored exactly"
@@ -79,7 +82,7 @@ def test_several_sgd_steps_with_searches_match_reference():
     model = TinyClassifier()
     data = make_data(n=12)
     batches = [{k: v[i : i + 4] for k, v in data.items()} for i in (0, 4, 8)]
-    engine = XSAM(model.parameters(), rho=0.5, ascent_steps=2, alpha_search_interval=2)
+    engine = XSAM(model.parameters(), rho=0.5, ascent_steps=2, alpha_search_interval=2, extrapolate_after_drop=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     w, alpha = flat(model), 1.0
     for step in range(6):

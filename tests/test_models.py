@@ -1,8 +1,17 @@
 """Real transformers models, built from tiny configs, train with XSAM and AdamW."""
 
+import copy
+
 import torch
 from datasets import Dataset
-from transformers import MarianConfig, MarianMTModel, ViTConfig, ViTForImageClassification
+from transformers import (
+    MarianConfig,
+    MarianMTModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from helpers import training_args
 from hf_xsam import XSAMSeq2SeqTrainer, XSAMSeq2SeqTrainingArguments, XSAMTrainer
@@ -75,3 +84,29 @@ def test_tiny_marian_learns_to_copy(tmp_path):
     history = losses(trainer)
     assert history[-1] < 0.6 * history[0], history
     assert trainer.xsam.search_history, "the alpha search ran"
+
+
+def test_tiny_resnet_trains_with_sgd_and_batchnorm_sees_the_first_pass_only(tmp_path):
+    """The paper's setting in small: a ResNet with BatchNorm, SGD with momentum, the alpha search on."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (16,), generator=generator)
+    images = torch.randn(16, 3, 16, 16, generator=generator)
+    images[labels == 1, :, :8] += 1.0
+    data = Dataset.from_dict({"pixel_values": images.tolist(), "labels": labels.tolist()}).with_format("torch")
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=2)
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(config)
+    # the expectation: the statistics after one plain training-mode forward pass over the step's batch
+    plain = copy.deepcopy(model).train()
+    with torch.no_grad():
+        plain(pixel_values=images)
+    settings = {**COMMON, "optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.05}
+    args = training_args(tmp_path, per_device_train_batch_size=16, max_steps=1, **settings)
+    trainer = XSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert len(trainer.xsam.search_history[0]["losses"]) == 21, "the search ran on the step"
+    for name, buffer in plain.named_buffers():
+        # the ascent pass and 21 search passes would each have moved them (and num_batches_tracked to 23)
+        torch.testing.assert_close(model.get_buffer(name), buffer, rtol=1e-5, atol=1e-6, msg=name)
+    trained = dict(model.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in plain.named_parameters()), "the step moved the weights"

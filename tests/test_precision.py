@@ -15,6 +15,7 @@ N, BATCH, LR = 12, 4, 0.5
 
 def args_for(tmp_path, **overrides):
     settings = dict(
+        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
         per_device_train_batch_size=BATCH,
         learning_rate=LR,
         optim="sgd",

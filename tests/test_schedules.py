@@ -22,6 +22,7 @@ N, BATCH = 12, 4
 
 def args(tmp_path, **overrides):
     settings = dict(
+        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
         output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
         max_steps=6,

@@ -407,6 +407,31 @@ def test_classify_resumed_mid_epoch_ends_as_the_uninterrupted_run(tmp_path, monk
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
+def test_classify_builds_a_resnet_with_batchnorm_and_trains_it_with_sgd(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    resnet = ["--architecture", "resnet", "--resnet_hidden_sizes", "8", "16", "--resnet_depths", "1", "1"]
+    sgd = ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.05"]
+    run(classify_images, monkeypatch, "--output_dir", out, "--image_size", 8, *resnet, *sgd, *COMMON,
+        "--max_train_samples", 16, "--max_eval_samples", 8, "--max_steps", 2, "--eval_strategy", "no")  # fmt: skip
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.model_type == "resnet" and model.config.hidden_sizes == [8, 16]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert read_json(out / "trainer_state.json")["log_history"][0]["xsam/alpha"] >= 0
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--architecture", "cnn"], r"argument --architecture: invalid choice: 'cnn' \(choose from 'vit', 'resnet'\)"),
+        (["--architecture", "resnet", "--resnet_depths", "1", "1"],
+         r"Invalid --resnet_depths: \[1, 1\]; give one depth per stage of resnet_hidden_sizes \[16, 32, 64\]"),
+    ],
+)  # fmt: skip
+def test_classify_model_flags_are_checked(tmp_path, monkeypatch, flags, match):
+    with pytest.raises(ValueError, match=match):
+        run(classify_images, monkeypatch, "--output_dir", tmp_path / "out", *flags, *COMMON)
+
+
 def image_folder(root, classes=("cat", "dog"), per_class=4):
     rng = np.random.default_rng(0)
     for name in classes:

@@ -212,7 +212,7 @@ def test_engine_coarse_to_fine_equals_grid_on_unimodal_arcs(name):
     chosen = {}
     for strategy in ("grid", "coarse_to_fine"):
         w, forward_backward, loss_only, calls = arc_problem(curve)
-        engine = XSAM([w], rho=RHO, alpha_search=strategy)
+        engine = XSAM([w], rho=RHO, alpha_search=strategy, extrapolate_after_drop=0.0)
         engine.step(forward_backward, loss_only, step=0)
         assert w.tolist() == [0.0, 0.0], "weights restored exactly"
         record = engine.search_history[-1]
@@ -230,7 +230,7 @@ def test_engine_coarse_to_fine_equals_grid_on_unimodal_arcs(name):
 def test_engine_coarse_to_fine_on_two_peaks_returns_an_evaluated_maximum_and_records_what_it_saw():
     curve = [-abs(i - 3) for i in range(10)] + [-abs(i - 16) + 0.5 for i in range(10, 21)]  # peaks at 0.3 and 1.6
     w, forward_backward, loss_only, calls = arc_problem(curve)
-    engine = XSAM([w], rho=RHO, alpha_search="coarse_to_fine")
+    engine = XSAM([w], rho=RHO, alpha_search="coarse_to_fine", extrapolate_after_drop=0.0)
     engine.step(forward_backward, loss_only, step=3)
     record = engine.search_history[-1]
     assert record["step"] == 3
@@ -256,7 +256,7 @@ def test_engine_coarse_to_fine_decides_on_the_losses_averaged_over_workers():
         seen_other.append(indices)
         losses.copy_((losses + torch.tensor([other[i] for i in indices], dtype=losses.dtype)) / 2)
 
-    engine = XSAM([w], rho=RHO, alpha_search="coarse_to_fine", reduce_losses=reduce_losses)
+    engine = XSAM([w], rho=RHO, alpha_search="coarse_to_fine", reduce_losses=reduce_losses, extrapolate_after_drop=0.0)
     engine.step(forward_backward, loss_only, step=0)
     average = [(a + b) / 2 for a, b in zip(local, other)]
     assert engine.alpha == GRID[expected_choice(GRID, average)] == 1.3
@@ -267,7 +267,7 @@ def test_engine_coarse_to_fine_decides_on_the_losses_averaged_over_workers():
 def test_engine_keeps_alpha_when_every_search_loss_is_nonfinite():
     w, forward_backward, _, _ = arc_problem([0.0] * 21)
     for strategy in ("grid", "coarse_to_fine"):
-        engine = XSAM([w], rho=RHO, alpha=0.7, alpha_search=strategy)
+        engine = XSAM([w], rho=RHO, alpha=0.7, alpha_search=strategy, extrapolate_after_drop=0.0)
         engine.step(forward_backward, lambda: torch.tensor(math.nan), step=0)
         w.grad = None
         assert engine.alpha == 0.7 and w.tolist() == [0.0, 0.0]
@@ -301,7 +301,7 @@ def test_engine_coarse_to_fine_matches_the_float64_reference_where_its_curve_is_
 
         return forward_backward, lambda: model(**batch)["loss"]
 
-    engine = XSAM(model.parameters(), alpha_search="coarse_to_fine", **settings)
+    engine = XSAM(model.parameters(), alpha_search="coarse_to_fine", **settings, extrapolate_after_drop=0.0)
     engine.step(*closures(), step=0)
     direction = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert engine.alpha == pytest.approx(expected_alpha)

@@ -17,6 +17,7 @@ N, BATCH, STEPS, LR = 12, 4, 6, 0.5
 
 def xsam_args(tmp_path, **overrides):
     settings = dict(
+        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
         learning_rate=LR,

@@ -107,6 +107,7 @@ def run(
     **settings,
 ) -> RecordingTrainer:
     defaults = dict(
+        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
         per_device_train_batch_size=2,
         learning_rate=LR,
         optim="sgd",

@@ -29,6 +29,7 @@ def main(out: Path) -> None:
         model.parameters(),
         rho=0.3,
         alpha_search_interval=2,
+        extrapolate_after_drop=0.0,  # the paper's rule, which the test's reference implements
         modules=model.modules(),
         reduce_losses=lambda losses: all_reduce_mean_([losses]),
         sam_perturbation="global",

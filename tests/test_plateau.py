@@ -1,0 +1,120 @@
+"""``extrapolate_after_drop``: on the plateau at the start of training the search keeps SAM (issue 21).
+
+On the plateau every direction of the search plane is about as sharp: the losses along the arc rise by a hair to
+the grid's end (2.448 ... 2.451 in the issue), and the paper's rule takes alpha = 2 at every search. With SGD
+that held the tiny ViT of the digits study at chance level for 100 epochs (docs/sgd.md).
+"""
+
+import math
+
+import pytest
+import torch
+
+from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
+from hf_xsam.rules import STEP_RULES
+
+RHO = 0.1
+THETA = math.atan(10.0 * RHO)  # L(w) = w_x + 10 w_x w_y: 45 degrees between v0 and v1 at w0 = 0
+GRID = [round(0.1 * i, 10) for i in range(21)]
+ISSUE_PLATEAU = [2.448 + 0.003 * i / 20 for i in range(21)]  # the arc of issue 21, above a loss of 2.303
+
+
+def plateau_problem(level: list[float]):
+    """Two weights at w0 = 0 whose search sees the issue's plateau arc, shifted so that the loss at w0 is
+    ``level[0]`` (a list, so the test can move it between steps)."""
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def forward_backward():
+        loss = w[0] + 10.0 * w[0] * w[1]
+        loss.backward()
+        return loss.detach()
+
+    def loss_only():
+        if float(w.norm()) < 1e-12:
+            return torch.tensor(level[0], dtype=torch.float64)
+        alpha = math.atan2(float(w[1]), float(w[0])) / THETA
+        index = round(alpha / 0.1)
+        assert abs(alpha - 0.1 * index) < 1e-9 and abs(float(w.norm()) - 2 * RHO) < 1e-9, "off the search arc"
+        return torch.tensor(ISSUE_PLATEAU[index] - 2.303 + level[0], dtype=torch.float64)
+
+    return w, forward_backward, loss_only
+
+
+def searched_alphas(levels: list[float], **settings) -> tuple[list[float], XSAM]:
+    """The alpha of each search, one search per step, with the loss at w0 at the given levels."""
+    level = [levels[0]]
+    w, forward_backward, loss_only = plateau_problem(level)
+    engine = XSAM([w], rho=RHO, alpha_search_interval=1, **settings)
+    alphas = []
+    for step, value in enumerate(levels):
+        level[0] = value
+        w.grad = None
+        engine.step(forward_backward, loss_only, step=step)
+        assert w.tolist() == [0.0, 0.0], "weights restored exactly"
+        alphas.append(engine.alpha)
+    return alphas, engine
+
+
+# the loss at w0: the start, 2% lower (still the plateau), 6.6% lower (training has started), back up
+LEVELS = [2.303, 2.257, 2.15, 2.303]
+
+
+def test_the_paper_rule_takes_the_arc_edge_on_the_plateau_at_every_search():
+    alphas, engine = searched_alphas(LEVELS, extrapolate_after_drop=0.0)
+    assert alphas == [2.0] * 4
+    assert "loss0" not in engine.search_history[-1], "the paper's rule evaluates the arc only"
+    assert engine.search_forwards == 4 * 21
+
+
+def test_the_default_keeps_sam_until_the_loss_has_fallen_five_percent():
+    assert XSAMConfig().extrapolate_after_drop == 0.05
+    alphas, engine = searched_alphas(LEVELS)
+    assert alphas == [1.0, 1.0, 2.0, 1.0]
+    history = list(engine.search_history)
+    assert [h.get("capped") for h in history] == [2.0, 2.0, None, 2.0]
+    assert [h["loss0"] for h in history] == pytest.approx(LEVELS)
+    assert engine.first_search_loss == pytest.approx(2.303)
+    assert engine.search_forwards == 4 * 22, "one more forward per search: the loss at w0"
+
+
+def test_an_alpha_at_most_one_is_never_capped():
+    level = [2.303]
+    w, forward_backward, _ = plateau_problem(level)
+    falling = [2.451 - 0.003 * i / 20 for i in range(21)]  # the largest loss at alpha 0
+    engine = XSAM([w], rho=RHO)
+    engine.step(
+        forward_backward,
+        lambda: torch.tensor(
+            level[0] if float(w.norm()) < 1e-12 else falling[round(math.atan2(float(w[1]), float(w[0])) / THETA / 0.1)]
+        ),
+        step=0,
+    )
+    assert engine.alpha == 0.0 and "capped" not in engine.search_history[-1]
+
+
+def test_the_reference_loss_is_saved_with_the_state_and_restored():
+    _, engine = searched_alphas(LEVELS[:2])
+    state = engine.state_dict()
+    assert state["first_search_loss"] == pytest.approx(2.303)
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    resumed = XSAM([w], rho=RHO, alpha_search_interval=1)
+    assert resumed.load_state_dict(state) == []
+    assert resumed.first_search_loss == state["first_search_loss"]
+    old = {k: v for k, v in state.items() if k != "first_search_loss"}  # a checkpoint from before the setting
+    resumed.load_state_dict(old)
+    assert resumed.first_search_loss is None, "the next search becomes the reference"
+    with pytest.raises(ValueError, match=r"first_search_loss is 'x'; it must be null or a finite number"):
+        resumed.load_state_dict({**state, "first_search_loss": "x"})
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, math.nan, "0.05"])
+def test_bad_extrapolate_after_drop_is_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match=r"Invalid extrapolate_after_drop: .*; it must be a number in \[0, 1\)"):
+        XSAMConfig(extrapolate_after_drop=value)
+
+
+def test_extrapolate_after_drop_is_a_training_argument_that_the_xsam_rule_reads(tmp_path):
+    args = XSAMTrainingArguments(output_dir=str(tmp_path), extrapolate_after_drop=0.0)
+    assert args.xsam_settings["extrapolate_after_drop"] == 0.0
+    assert "extrapolate_after_drop" in STEP_RULES["xsam"].settings
+    assert "extrapolate_after_drop" not in STEP_RULES["sam"].settings
