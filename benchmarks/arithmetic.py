@@ -8,6 +8,8 @@ caches), ``sweep`` (a pass over a 32 MB buffer) or ``forward`` (a forward pass o
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/arithmetic.py --task vit --rounds 300
+
+Produces: docs/benchmarks.md ("The step's arithmetic, trimmed").
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ Usage (the README's tables; the GPU check; a change to the step against the comm
         --configs base sam xsam xsam-search --memory-configs base sam xsam xsam-search --json outputs/gpu.json
     git worktree add /tmp/before HEAD~1 && python benchmarks/benchmark.py --tasks vit --no-memory \
         --configs base base-2pass sam xsam xsam-search --reference /tmp/before
+
+Produces: docs/benchmarks.md (step time and memory; the skip guard; the cheap schedules), docs/search.md (the search's cost), docs/gpu.md.
 """
 
 from __future__ import annotations

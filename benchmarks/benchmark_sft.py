@@ -16,6 +16,8 @@ copy), against the base optimizer's.
 
 Usage:
     python benchmarks/benchmark_sft.py --rounds 30 --json outputs/benchmark_sft.json
+
+Produces: docs/sft.md (step cost and memory with SFT and LoRA).
 """
 
 from __future__ import annotations

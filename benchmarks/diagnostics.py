@@ -10,6 +10,8 @@ Example:
     >>> e, loss = ball_maximum(lambda e: (float(b @ e), b.clone()), radius=1.0, starts=[torch.zeros(2)])
     >>> round(cosine(e, b), 6), round(loss, 4)
     (1.0, 5.0)
+
+Produces: docs/diagnostics.md (the pictures of a run).
 """
 
 from __future__ import annotations

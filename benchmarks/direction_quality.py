@@ -21,6 +21,8 @@ one checkpoint, with g0, g1, XSAM's direction and the projected ball maximum (th
 Usage (the README's tables and landscapes):
     python benchmarks/direction_quality.py --radii 0.05 0.2 --pga-steps 60 \\
         --json outputs/direction_quality.json --landscape outputs/pictures
+
+Produces: docs/diagnostics.md and docs/benchmarks.md (the quality of the directions).
 """
 
 from __future__ import annotations

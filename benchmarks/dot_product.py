@@ -8,6 +8,8 @@ relative to ``||x|| ||y||`` (the scale that matters for the angle theta), for un
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/dot_product.py --rounds 200
+
+Produces: docs/search.md ("The dot product of the step").
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """A 2-D slice of the loss landscape with the directions drawn on it (PNG, needs matplotlib).
 
 Used by ``direction_quality.py``; a research picture, not on any training path.
+
+Produces: docs/diagnostics.md (the loss landscape pictures).
 """
 
 from __future__ import annotations

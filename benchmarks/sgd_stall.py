@@ -23,6 +23,8 @@ Each search's losses along the arc are recorded with the step (``arc``).
 Usage:
     python benchmarks/sgd_stall.py --optim sgd --methods none sam alpha2 xsam --epochs 8 --json sgd.json
     python benchmarks/sgd_stall.py --optim adamw --methods sam alpha2 xsam --epochs 8 --json adamw.json
+
+Produces: docs/method.md ("XSAM with SGD").
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Example:
     >>> batch = task.batch(16)
     >>> float(task.model(**batch).loss) > 0
     True
+
+Produces: no table of its own: the tasks and models that benchmark.py, direction_quality.py, diagnostics.py and search_agreement.py share.
 """
 
 from __future__ import annotations

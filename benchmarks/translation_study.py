@@ -22,6 +22,8 @@ Example:
     python benchmarks/translation_study.py --data_dir /data/multi30k --rho 0.05 --seeds 0 1 2 \\
         --config cheap="--sam_method xsam --sam_start_ratio 0.5 --sam_interval 2 --sam_reuse true" \\
         --output_dir runs/multi30k --name multi30k
+
+Produces: docs/study.md ("Translation: Multi30k with little data").
 """
 
 from __future__ import annotations
