@@ -353,19 +353,30 @@ def alpha_table(results: list[dict], alpha_max: float) -> str:
     return "\n".join(lines)
 
 
+def _panels(results: list[dict], size: tuple[float, float], sharey: bool = False) -> tuple[Figure, list, list]:
+    """A figure with one panel of ``size`` (inches) per (label noise, rho) of ``results``, and those settings."""
+    settings = sorted({(r["label_noise"], r["rho"]) for r in results})
+    figure = Figure(figsize=(size[0] * len(settings), size[1]), layout="constrained")
+    axes = figure.subplots(1, len(settings), squeeze=False, sharey=sharey)[0]
+    return figure, axes, settings
+
+
+def _color(method: str) -> str:
+    """The colour of a configuration in every plot (matplotlib's cycle of ten)."""
+    return f"C{METHODS.index(method) % 10}"
+
+
 def plot_curves(results: list[dict], path: Path) -> None:
     """One panel per (label noise, rho): test accuracy per epoch, mean and ± std band per method; dashed, the
     accuracy on the (noisy) training labels."""
-    settings = sorted({(r["label_noise"], r["rho"]) for r in results})
-    figure = Figure(figsize=(4.2 * len(settings), 3.6), layout="constrained")
-    axes = figure.subplots(1, len(settings), squeeze=False, sharey=True)[0]
+    figure, axes, settings = _panels(results, (4.2, 3.6), sharey=True)
     groups = _groups(results)
     for ax, (noise, rho) in zip(axes, settings):
         for method in METHODS:
             runs = groups.get((noise, rho, method))
             if not runs:
                 continue
-            color = f"C{METHODS.index(method)}"
+            color = _color(method)
             for key, style in (("curve", "-"), ("train_curve", "--")):
                 length = min(len(r[key]) for r in runs)
                 columns = list(zip(*(r[key][:length] for r in runs)))
@@ -393,9 +404,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
 def plot_cost(results: list[dict], path: Path) -> None:
     """One panel per (label noise, rho): final test accuracy (mean ± std over seeds) against the cost per step as a
     multiple of the base optimizer's, one point per configuration; the best accuracy at each cost is joined."""
-    settings = sorted({(r["label_noise"], r["rho"]) for r in results})
-    figure = Figure(figsize=(5.2 * len(settings), 4.0), layout="constrained")
-    axes = figure.subplots(1, len(settings), squeeze=False)[0]
+    figure, axes, settings = _panels(results, (5.2, 4.0))
     groups = _groups(results)
     for ax, (noise, rho) in zip(axes, settings):
         points = []
@@ -407,7 +416,7 @@ def plot_cost(results: list[dict], path: Path) -> None:
             cost = statistics.mean(relative_cost(r) for r in runs)
             spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
             points.append((cost, statistics.mean(finals)))
-            ax.errorbar(cost, points[-1][1], yerr=spread, fmt="o", color=f"C{METHODS.index(method) % 10}", capsize=3)
+            ax.errorbar(cost, points[-1][1], yerr=spread, fmt="o", color=_color(method), capsize=3)
             ax.annotate(f"{method} ({len(runs)})", points[-1], textcoords="offset points", xytext=(4, 4), fontsize=7)
         front, best = [], -1.0
         for cost, accuracy in sorted(points):
