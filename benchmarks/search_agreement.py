@@ -107,7 +107,7 @@ def train(args: argparse.Namespace, rho: float, seed: int | None = None, steps: 
         "steps": trainer.state.global_step,
         "train_seconds": seconds,
         "test_accuracy": accuracy,
-        "grid": trainer.xsam.config.alpha_grid,
+        "grid": trainer.xsam.alpha_grid,
     }
     return every_search.searches, run
 

@@ -44,19 +44,23 @@ __all__ = [
     "table",
     "paired_table",
     "alpha_table",
+    "grid_top",
     "plot_curves",
     "main",
 ]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
 # the configurations a study compares, by name: the script's flags for each (after the task's and the user's);
-# XSAM with the paper's rule (extrapolate_after_drop 0), as the recorded studies ran it
-_XSAM = ["--sam_method", "xsam", "--extrapolate_after_drop", "0"]
+# XSAM with the paper's rule (grid 0..2 with any optimizer, extrapolate_after_drop 0), as the recorded studies ran it
+_PAPER = ["--sam_method", "xsam", "--extrapolate_after_drop", "0"]
+_XSAM = [*_PAPER, "--alpha_max", "2"]
 _CHEAP = [*_XSAM, "--alpha_search", "coarse_to_fine"]
 CONFIGS = {
     "none": ["--sam_method", "none"],
     "sam": ["--sam_method", "sam"],
     "xsam": _XSAM,
+    # the package's defaults (alpha_max None: 1 with SGD; extrapolate_after_drop 0.05)
+    "xsam-default": ["--sam_method", "xsam"],
     # accuracy per cost (docs/study.md, "Accuracy per cost"): the cheap search, late starts, intervals with reuse
     "xsam-c2f": _CHEAP,
     "xsam-late50": [*_CHEAP, "--sam_start_ratio", "0.5"],
@@ -65,8 +69,9 @@ CONFIGS = {
     "xsam-late50-i2-reuse": [*_CHEAP, "--sam_start_ratio", "0.5", "--sam_interval", "2", "--sam_reuse", "true"],
     "xsam-i2-reuse": [*_CHEAP, "--sam_interval", "2", "--sam_reuse", "true"],
     "xsam-i4-reuse": [*_CHEAP, "--sam_interval", "4", "--sam_reuse", "true"],
-    "xsam-amax3": [*_XSAM, "--alpha_max", "3"],
-    "xsam-amax4": [*_XSAM, "--alpha_max", "4"],
+    "xsam-amax1": [*_PAPER, "--alpha_max", "1"],
+    "xsam-amax3": [*_PAPER, "--alpha_max", "3"],
+    "xsam-amax4": [*_PAPER, "--alpha_max", "4"],
 }
 METHODS = list(CONFIGS)
 # cost units of one optimizer step: a forward-backward pass counts 3 (a forward and a backward of twice its cost),
@@ -317,6 +322,18 @@ def paired_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grid_top(flags: list[str]) -> float:
+    """The top of the alpha grid that the script's flags give (the last ``--alpha_max``; else 1 with SGD, else 2).
+
+    >>> grid_top(["--optim", "sgd"]), grid_top(["--optim", "sgd", "--alpha_max", "2"]), grid_top([])
+    (1.0, 2.0, 2.0)
+    """
+    values = [value for flag, value in itertools.pairwise(flags) if flag == "--alpha_max"]
+    if values:
+        return float(values[-1])
+    return 1.0 if ("--optim", "sgd") in itertools.pairwise(flags) else 2.0
+
+
 def alpha_table(results: list[dict], alpha_max: float) -> str:
     """Markdown: XSAM's searched alpha per setting (epochs pooled over seeds)."""
     header = [
@@ -335,7 +352,7 @@ def alpha_table(results: list[dict], alpha_max: float) -> str:
         if not method.startswith("xsam"):
             continue
         flags = CONFIGS[method]
-        end = float(flags[flags.index("--alpha_max") + 1]) if "--alpha_max" in flags else alpha_max
+        end = grid_top(flags) if "--alpha_max" in flags else alpha_max
         every = [a for r in runs for a in r["alpha"]]
         changes = [abs(b - a) for r in runs for a, b in itertools.pairwise(r["alpha"])]
         cells = [
@@ -449,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     if options.task != "digits" and options.data_dir is None:
         parser.error(f"--task {options.task} needs --data_dir")
     extra = [arg for arg in options.extra if arg != "--"]
-    alpha_max = float(extra[extra.index("--alpha_max") + 1]) if "--alpha_max" in extra else 2.0
+    alpha_max = grid_top(extra)
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/study.py", *(argv if argv is not None else sys.argv[1:])])

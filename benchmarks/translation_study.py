@@ -42,7 +42,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from study import _mean_std
+from study import _mean_std, grid_top
 
 __all__ = [
     "FILES",
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise ValueError(f"Invalid --data_dir {str(data_dir)!r}: {', '.join(missing)} not found there")
     extra = [arg for arg in options.extra if arg != "--"]
-    alpha_max = float(extra[extra.index("--alpha_max") + 1]) if "--alpha_max" in extra else 2.0
+    alpha_max = grid_top(extra)
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/translation_study.py", *(argv if argv is not None else sys.argv[1:])])

@@ -6,7 +6,7 @@ the same name everywhere (Python, command-line flags, checkpoints, model cards).
 Example:
     >>> from hf_xsam import XSAMConfig
     >>> config = XSAMConfig(rho=0.05, alpha_max=1.0, alpha_step=0.25)
-    >>> config.alpha_grid, config.search_radius
+    >>> config.alpha_grid(), config.search_radius
     ([0.0, 0.25, 0.5, 0.75, 1.0], 0.1)
     >>> XSAMConfig(rho=-1)
     Traceback (most recent call last):
@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from .rules import STEP_RULES, StepRule
 from .search import SEARCHES
 
@@ -31,6 +33,9 @@ __all__ = [
     "MAX_SAM_EPS",
     "MAX_GRID_POINTS",
     "MAX_RADIUS",
+    "PAPER_ALPHA_MAX",
+    "SGD_ALPHA_MAX",
+    "steps_along_direction",
 ]
 
 SAM_METHODS = tuple(STEP_RULES)
@@ -38,6 +43,10 @@ PERTURBATIONS = ("local", "global")
 ALPHA_SEARCHES = tuple(SEARCHES)
 # The default extrapolate_after_drop, from the measurements in docs/method.md ("XSAM with SGD").
 EXTRAPOLATE_AFTER_DROP = 0.05
+# The top of the search grid when alpha_max is None: the paper's, and SAM's alpha with a base optimizer that steps
+# along the direction as it is (SGD; docs/method.md, "XSAM with SGD")
+PAPER_ALPHA_MAX = 2.0
+SGD_ALPHA_MAX = 1.0
 # An epsilon of this size or more is no longer negligible next to gradient norms and distorts theta.
 MAX_SAM_EPS = 1e-4
 # Each grid point costs one forward pass per search (grid search): more than this is a mistake, not a setting.
@@ -58,6 +67,22 @@ def _number(value: Any) -> bool:
 
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def steps_along_direction(optimizer: Any) -> bool:
+    """Whether a base optimizer steps along the gradient it is given as it is (``torch.optim.SGD``).
+
+    Wrappers that hold the optimizer as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``) are looked through.
+    Adaptive optimizers (Adam and its kin, Adafactor, ...) rescale each coordinate and are not such optimizers.
+
+    >>> w = torch.zeros(1, requires_grad=True)
+    >>> steps_along_direction(torch.optim.SGD([w], lr=0.1)), steps_along_direction(torch.optim.AdamW([w]))
+    (True, False)
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    while inner is not None and inner is not optimizer:
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    return isinstance(optimizer, torch.optim.SGD)
 
 
 @dataclass
@@ -81,7 +106,15 @@ class XSAMConfig:
         default=1.0,
         metadata={"help": "Alpha used until the first search, and always when the search is off (1 = SAM, 0 = v0)."},
     )
-    alpha_max: float = field(default=2.0, metadata={"help": "Largest alpha of the search grid 0..alpha_max."})
+    alpha_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest alpha of the search grid 0..alpha_max. None: 2.0 (the paper's grid), or 1.0 (SAM's "
+            "direction at most) with a base optimizer that steps along the direction as it is (SGD), where "
+            "extrapolated directions stalled or slowed training (docs/method.md, 'XSAM with SGD'). Set 2.0 for "
+            "the paper's grid with any optimizer."
+        },
+    )
     alpha_step: float = field(default=0.1, metadata={"help": "Spacing of the alpha search grid."})
     alpha_search_interval: int | None = field(
         default=None,
@@ -178,7 +211,12 @@ class XSAMConfig:
                 "None (2 * rho) or a number > 0",
             ),
             ("alpha", self.alpha, _number(self.alpha), "a finite number"),
-            ("alpha_max", self.alpha_max, _number(self.alpha_max) and self.alpha_max >= 0, "a number >= 0"),
+            (
+                "alpha_max",
+                self.alpha_max,
+                self.alpha_max is None or (_number(self.alpha_max) and self.alpha_max >= 0),
+                f"None ({PAPER_ALPHA_MAX:g}, or {SGD_ALPHA_MAX:g} with SGD) or a number >= 0",
+            ),
             ("alpha_step", self.alpha_step, _number(self.alpha_step) and self.alpha_step > 0, "a number > 0"),
             (
                 "extrapolate_after_drop",
@@ -228,9 +266,14 @@ class XSAMConfig:
                     f"Invalid {name}: {value!r}{given}; a radius must be at most {MAX_RADIUS:g} (the norms square "
                     "it, and its square overflows float32 beyond that)"
                 )
-        if self.alpha_max / self.alpha_step + 1 > MAX_GRID_POINTS:
+        # with alpha_max None the grid's top depends on the optimizer: both tops must give a valid grid
+        tops = [self.alpha_max] if self.alpha_max is not None else [SGD_ALPHA_MAX, PAPER_ALPHA_MAX]
+        largest, smallest = (
+            (repr(self.alpha_max),) * 2 if self.alpha_max is not None else ("None (2)", "None (1 with SGD)")
+        )
+        if max(tops) / self.alpha_step + 1 > MAX_GRID_POINTS:
             raise ValueError(
-                f"Invalid alpha_max / alpha_step: {self.alpha_max!r} / {self.alpha_step!r} give a grid of more than "
+                f"Invalid alpha_max / alpha_step: {largest} / {self.alpha_step!r} give a grid of more than "
                 f"{MAX_GRID_POINTS} points (each costs a forward pass per search); use a coarser alpha_step or a "
                 "smaller alpha_max"
             )
@@ -238,9 +281,9 @@ class XSAMConfig:
             raise ValueError(
                 "Invalid sam_reuse: True needs plain steps to reuse the direction on; set sam_interval >= 2"
             )
-        if self.searches_alpha and len(self.alpha_grid) < 2:
+        if self.searches_alpha and len(self._grid(min(tops))) < 2:
             raise ValueError(
-                f"Invalid alpha_max / alpha_step: {self.alpha_max!r} / {self.alpha_step!r} give a one-point search "
+                f"Invalid alpha_max / alpha_step: {smallest} / {self.alpha_step!r} give a one-point search "
                 "grid; alpha_max must be at least alpha_step (or turn the search off with alpha_search_interval=0)"
             )
 
@@ -254,10 +297,24 @@ class XSAMConfig:
         """Whether alpha is searched at all (a searching rule with a search interval other than 0)."""
         return self.step_rule.searches_alpha and self.alpha_search_interval != 0
 
-    @property
-    def alpha_grid(self) -> list[float]:
-        """The search grid ``0, alpha_step, ..., alpha_max``."""
-        count = int(math.floor(self.alpha_max / self.alpha_step + 1e-9)) + 1
+    def top_alpha(self, optimizer: Any = None) -> float:
+        """The largest alpha the search may take: ``alpha_max``, or when it is None 1.0 with a base optimizer that
+        steps along the direction as it is (:func:`steps_along_direction`) and 2.0 otherwise.
+
+        >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> XSAMConfig().top_alpha(sgd), XSAMConfig().top_alpha(), XSAMConfig(alpha_max=2.0).top_alpha(sgd)
+        (1.0, 2.0, 2.0)
+        """
+        if self.alpha_max is not None:
+            return float(self.alpha_max)
+        return SGD_ALPHA_MAX if steps_along_direction(optimizer) else PAPER_ALPHA_MAX
+
+    def alpha_grid(self, optimizer: Any = None) -> list[float]:
+        """The search grid ``0, alpha_step, ..., top_alpha(optimizer)``."""
+        return self._grid(self.top_alpha(optimizer))
+
+    def _grid(self, top: float) -> list[float]:
+        count = int(math.floor(top / self.alpha_step + 1e-9)) + 1
         return [round(i * self.alpha_step, 10) for i in range(count)]
 
     @property

@@ -127,6 +127,8 @@ class XSAM:
         modules: modules whose BatchNorm running statistics must only see the first pass.
         reduce_gradients: averages a list of gradients across data-parallel workers in place.
         reduce_losses: averages a 1-D tensor of losses across workers in place (alpha search).
+        optimizer: the base optimizer that steps along the direction; with ``alpha_max=None`` it sets the top of
+            the search grid (:meth:`~hf_xsam.XSAMConfig.top_alpha`: 1.0 for SGD, 2.0 otherwise and without one).
 
     With ``sam_perturbation="local"`` the final direction is reduced once per optimizer step; with
     ``"global"`` every gradient is reduced before it is used, so the step equals one device on the global
@@ -145,6 +147,7 @@ class XSAM:
         modules: Iterable[nn.Module] = (),
         reduce_gradients: GradientReducer | None = None,
         reduce_losses: GradientReducer | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         **settings: Any,
     ) -> None:
         if config is not None and settings:
@@ -162,6 +165,9 @@ class XSAM:
         # products over the shards with one all-reduce each
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
         self.alpha = self.config.initial_alpha
+        # the grid's top for this base optimizer, and the grid the searches walk
+        self.alpha_max = self.config.top_alpha(optimizer)
+        self.alpha_grid = self.config.alpha_grid(optimizer)
         modules = list(modules)
         self.running_stats = RunningStatsGuard(modules)
         # FSDP2 keeps the root's gathered weights after a forward without backward: drop them after every
@@ -230,16 +236,14 @@ class XSAM:
         # a checkpoint from before extrapolate_after_drop has none: the next search becomes the reference
         self.first_search_loss = state.get("first_search_loss")
         saved_alpha, config = state["alpha"], self.config
-        on_grid = any(abs(saved_alpha - a) < 1e-9 for a in config.alpha_grid)
+        on_grid = any(abs(saved_alpha - a) < 1e-9 for a in self.alpha_grid)
         if config.searches_alpha and on_grid:
             self.alpha = saved_alpha
             return []
         self.alpha = config.initial_alpha
         if config.searches_alpha:
             self.last_search_step = self.last_search_epoch = None
-            reason = (
-                f"it is not on the search grid 0..{config.alpha_max:g} step {config.alpha_step:g}; searching again"
-            )
+            reason = f"it is not on the search grid 0..{self.alpha_max:g} step {config.alpha_step:g}; searching again"
         elif config.step_rule.fixed_alpha is not None:
             reason = f"sam_method={config.sam_method!r} uses alpha {config.step_rule.fixed_alpha:g}"
         else:
@@ -595,7 +599,7 @@ class XSAM:
             self.search_history.append({"alpha": self.alpha, "theta": float("nan"), "losses": []})
             return
         displacement = torch._foreach_clone(params)
-        grid, theta = self.config.alpha_grid, plane.theta
+        grid, theta = self.alpha_grid, plane.theta
         c0, c1 = slerp_coefficients(theta, torch.tensor(grid, dtype=theta.dtype, device=theta.device))
         along_displacement = (
             self.config.search_radius * c0 / (plane.displacement_norm + self.config.sam_eps)

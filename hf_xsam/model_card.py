@@ -177,7 +177,10 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
     """
     card = ModelCard.load(card_path)
     card.data.library_name = card.data.library_name or "transformers"
-    settings = trainer.args.xsam_settings
+    engine = getattr(trainer, "xsam", None)
+    # alpha_max as the run used it (None means 2, or 1 with SGD)
+    top = engine.alpha_max if engine is not None else trainer.args.top_alpha(trainer.optimizer)
+    settings = {**trainer.args.xsam_settings, "alpha_max": top}
     rule = trainer.args.step_rule
     # the tags of the rule the model was trained with, and none that another rule would give
     other_rules_tags = {tag for other in STEP_RULES.values() for tag in other.tags} - set(rule.tags)
@@ -188,7 +191,6 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
             result.dataset_split = None
         if result.dataset_config == "None":
             result.dataset_config = None
-    engine = getattr(trainer, "xsam", None)
     section = xsam_section(settings, trainer.state.log_history, engine.state_dict() if engine is not None else None)
     text = _warmup_as_set(card.text, trainer)
     if SECTION_START in text and SECTION_END in text:

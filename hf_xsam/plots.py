@@ -169,7 +169,7 @@ class XSAMPlotCallback(TrainerCallback):
         if not (self.enabled and state.is_world_process_zero):
             return
         history = engine.search_history if engine is not None else []
-        grid = engine.config.alpha_grid if engine is not None else []
+        grid = engine.alpha_grid if engine is not None else []
         save_xsam_plots(args.output_dir, history, grid, state.log_history)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

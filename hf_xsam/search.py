@@ -82,7 +82,7 @@ def grid_search(alphas: Sequence[float], evaluate: Evaluate, prefer: float = 1.0
     """Evaluate every grid point (one call of ``evaluate``) and keep the best.
 
     Args:
-        alphas: the grid, e.g. ``XSAMConfig.alpha_grid``.
+        alphas: the grid, e.g. ``XSAM.alpha_grid``.
         evaluate: returns the (worker-averaged) losses at the grid indices it is given.
         prefer: the alpha kept among exactly equal largest losses (the closest one to it).
 
@@ -105,7 +105,7 @@ def coarse_to_fine_search(alphas: Sequence[float], evaluate: Evaluate, prefer: f
     evaluates at most 9. On other curves it returns the best point it evaluated.
 
     Args:
-        alphas: the grid, e.g. ``XSAMConfig.alpha_grid``.
+        alphas: the grid, e.g. ``XSAM.alpha_grid``.
         evaluate: returns the (worker-averaged) losses at the grid indices it is given (all coarse points in one
             call, then one or two at a time).
         prefer: the alpha kept among exactly equal largest losses (the closest one to it).

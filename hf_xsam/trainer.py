@@ -165,6 +165,7 @@ class XSAMTrainerMixin:
                 modules=model.modules(),
                 reduce_gradients=reduce_gradients,
                 reduce_losses=(lambda losses: all_reduce_mean_([losses])) if distributed else None,
+                optimizer=self.optimizer,
             )
             if self._xsam_pending_state is not None:
                 for note in self.xsam.load_state_dict(self._xsam_pending_state):

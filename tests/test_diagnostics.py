@@ -100,7 +100,7 @@ def test_engine_direction_for_sam_is_the_gradient_at_the_ascent_point():
 def test_engine_direction_searches_alpha_on_its_first_step():
     _, engine, _ = engine_direction(probe(), rho=0.1)
     assert len(engine.search_history) == 1
-    assert engine.alpha in engine.config.alpha_grid
+    assert engine.alpha in engine.alpha_grid
 
 
 def test_plane_basis_is_orthonormal_and_starts_along_v0():

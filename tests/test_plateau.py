@@ -2,7 +2,7 @@
 
 On the plateau every direction of the search plane is about as sharp: the losses along the arc rise by a hair to
 the grid's end (2.448 ... 2.451 in the issue), and the paper's rule takes alpha = 2 at every search. With SGD
-that held the tiny ViT of the digits study at chance level for 100 epochs (docs/sgd.md).
+that held the tiny ViT of the digits study at chance level for 100 epochs (docs/method.md, "XSAM with SGD").
 """
 
 import math
@@ -118,3 +118,66 @@ def test_extrapolate_after_drop_is_a_training_argument_that_the_xsam_rule_reads(
     assert args.xsam_settings["extrapolate_after_drop"] == 0.0
     assert "extrapolate_after_drop" in STEP_RULES["xsam"].settings
     assert "extrapolate_after_drop" not in STEP_RULES["sam"].settings
+
+
+# ------------------------------------------------------------------------------------------------------------
+# alpha_max=None: SAM's direction at most with SGD (issue 21, docs/method.md "XSAM with SGD")
+
+
+def one_sgd_step(lr: float = 0.05, **settings) -> tuple[float, float, XSAM]:
+    """One SGD step on ``L(w) = w_x + 10 w_x w_y`` from ``w0 = 0`` (``L(w0) = 0``) with the search seeing the issue's
+    plateau arc: the chosen alpha and the loss after the step."""
+    w, forward_backward, loss_only = plateau_problem([2.303])
+    optimizer = torch.optim.SGD([w], lr=lr)
+    engine = XSAM([w], rho=RHO, optimizer=optimizer, **settings)
+    engine.step(forward_backward, loss_only, step=0)
+    optimizer.step()
+    with torch.no_grad():
+        return engine.alpha, float(w[0] + 10.0 * w[0] * w[1]), engine
+
+
+def test_with_sgd_the_paper_grid_steps_orthogonally_to_the_gradient_and_makes_no_progress():
+    # theta is 45 degrees: u(2) is 90 degrees from v0, the gradient at w0 (the stall of issue 21, in two weights)
+    alpha, loss, engine = one_sgd_step(alpha_max=2.0, extrapolate_after_drop=0.0)
+    assert (alpha, engine.alpha_max) == (2.0, 2.0)
+    assert abs(loss) < 1e-12, "no descent along u(2): the step is orthogonal to the gradient"
+
+
+def test_with_sgd_the_default_grid_stops_at_sam_and_the_step_descends():
+    assert XSAMConfig().alpha_max is None
+    alpha, loss, engine = one_sgd_step()
+    assert engine.alpha_max == 1.0 and engine.alpha_grid == GRID[:11]
+    assert alpha == 1.0 and "capped" not in engine.search_history[-1], "the arc's highest point of a grid to 1"
+    # d = g_k = (1, 1): w = -lr (1, 1), L = -lr (1 - 10 lr)
+    assert loss == pytest.approx(-0.05 * (1 - 0.5))
+
+
+def test_with_an_adaptive_optimizer_or_none_the_default_grid_is_the_papers():
+    w = torch.nn.Parameter(torch.zeros(2))
+    for optimizer in (torch.optim.AdamW([w]), None):
+        engine = XSAM([w], rho=RHO, optimizer=optimizer)
+        assert engine.alpha_max == 2.0 and engine.alpha_grid == GRID
+
+
+@pytest.mark.parametrize(
+    ("optim", "alpha_max", "top"), [("sgd", None, 1.0), ("adamw_torch", None, 2.0), ("sgd", 2.0, 2.0)]
+)
+def test_the_trainer_gives_its_optimizer_to_the_engine_and_the_card_records_the_top(tmp_path, optim, alpha_max, top):
+    from test_model_card import tiny_trainer
+
+    trainer = tiny_trainer(tmp_path, optim=optim, alpha_max=alpha_max, learning_rate=0.05)
+    assert trainer.xsam.alpha_max == top and max(trainer.xsam.alpha_grid) == top
+    assert max(h["alpha"] for h in trainer.xsam.search_history) <= top
+    trainer.create_model_card()
+    assert f"| alpha_max | {top:g} |" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf, "2"])
+def test_bad_alpha_max_is_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match=r"Invalid alpha_max: .*; it must be None \(2, or 1 with SGD\) or a number"):
+        XSAMConfig(alpha_max=value)
+
+
+def test_a_step_too_coarse_for_the_sgd_grid_is_refused_up_front():
+    with pytest.raises(ValueError, match="one-point search grid"):
+        XSAMConfig(alpha_step=1.5)

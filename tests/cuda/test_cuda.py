@@ -385,7 +385,7 @@ def search_losses(model: nn.Module, batch: dict[str, torch.Tensor], alpha_step: 
     engine = XSAM(model.parameters(), rho=0.05, alpha_step=alpha_step, alpha_search_interval=1)
     torch.manual_seed(0)  # both searches start from the same random state, so their ascents are identical
     engine.step(forward_backward_on(model, batch), lambda: model(**batch)["loss"], step=0)
-    return dict(zip(engine.config.alpha_grid, engine.search_history[-1]["losses"]))
+    return dict(zip(engine.alpha_grid, engine.search_history[-1]["losses"]))
 
 
 def test_alpha_search_replays_dropout_masks():
