@@ -17,7 +17,7 @@ from the package's own engine:
 
 Methods: ``none`` (the base optimizer alone), ``sam`` (alpha 1), ``alpha2`` (alpha fixed at 2, what the
 paper's search picks on the plateau), ``xsam`` (the paper's grid search once per epoch,
-``extrapolate_after_drop=0``) and ``safe`` (the same search with hf_xsam's default ``extrapolate_after_drop``).
+``alpha_max=2``, ``extrapolate_after_drop=0``) and ``safe`` (hf_xsam's defaults: with SGD the grid ends at 1).
 Each search's losses along the arc are recorded with the step (``arc``).
 
 Usage:
@@ -106,10 +106,10 @@ def run(method: str, optim: str, data: dict, epochs: int, full_every: int, seed:
     settings = {
         "sam": {"alpha": 1.0, "alpha_search_interval": 0},
         "alpha2": {"alpha": 2.0, "alpha_search_interval": 0},
-        "xsam": {"extrapolate_after_drop": 0.0},
+        "xsam": {"extrapolate_after_drop": 0.0, "alpha_max": 2.0},
         "safe": {},
     }
-    engine = XSAM(params, XSAMConfig(rho=rho, **settings[method])) if method != "none" else None
+    engine = XSAM(params, XSAMConfig(rho=rho, **settings[method]), optimizer=optimizer) if method != "none" else None
     subset = torch.arange(512)
     generator = torch.Generator().manual_seed(seed)
     steps, epochs_log = [], []

@@ -10,7 +10,8 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
 
 On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
 evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``). With
-``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped at 1 until the loss has fallen that fraction.
+``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped at 1 until the loss has fallen that fraction;
+with ``alpha_max=None`` (the default) the grid ends at 1 when the ``optimizer`` given is SGD, at 2 otherwise.
 
 Example:
     >>> import torch

@@ -104,9 +104,10 @@ def test_tiny_resnet_trains_with_sgd_and_batchnorm_sees_the_first_pass_only(tmp_
     args = training_args(tmp_path, per_device_train_batch_size=16, max_steps=1, **settings)
     trainer = XSAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert len(trainer.xsam.search_history[0]["losses"]) == 21, "the search ran on the step"
+    # with SGD the default grid ends at alpha 1: 11 points
+    assert len(trainer.xsam.search_history[0]["losses"]) == 11, "the search ran on the step"
     for name, buffer in plain.named_buffers():
-        # the ascent pass and 21 search passes would each have moved them (and num_batches_tracked to 23)
+        # the ascent pass and 11 search passes would each have moved them (and num_batches_tracked to 13)
         torch.testing.assert_close(model.get_buffer(name), buffer, rtol=1e-5, atol=1e-6, msg=name)
     trained = dict(model.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in plain.named_parameters()), "the step moved the weights"

@@ -15,7 +15,9 @@ N, BATCH, LR = 12, 4, 0.5
 
 def args_for(tmp_path, **overrides):
     settings = dict(
-        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
+        # the paper's rule, which tests/reference.py implements (grid 0..2 with SGD too)
+        extrapolate_after_drop=0.0,
+        alpha_max=2.0,
         per_device_train_batch_size=BATCH,
         learning_rate=LR,
         optim="sgd",

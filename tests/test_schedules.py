@@ -22,7 +22,9 @@ N, BATCH = 12, 4
 
 def args(tmp_path, **overrides):
     settings = dict(
-        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
+        # the paper's rule, which tests/reference.py implements (grid 0..2 with SGD too)
+        extrapolate_after_drop=0.0,
+        alpha_max=2.0,
         output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
         max_steps=6,

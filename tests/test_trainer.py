@@ -17,7 +17,9 @@ N, BATCH, STEPS, LR = 12, 4, 6, 0.5
 
 def xsam_args(tmp_path, **overrides):
     settings = dict(
-        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
+        # the paper's rule, which tests/reference.py implements: alpha > 1 from the first search, grid 0..2 with SGD
+        extrapolate_after_drop=0.0,
+        alpha_max=2.0,
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
         learning_rate=LR,
@@ -44,6 +46,7 @@ def reference_run(
     sam_interval=1,
     first_sharpness_aware_step=0,
     reuse_scale=None,
+    alpha_max=2.0,
 ):
     """Float64 XSAM over the batches in order, epochs of N / BATCH steps, SGD (optionally with momentum).
 
@@ -69,7 +72,7 @@ def reference_run(
         else:
             search = search_every_epoch and (searched_epoch is None or epoch > searched_epoch)
             searched_epoch = epoch if search else searched_epoch
-            d, alpha, _ = xsam_direction(loss, w, rho=rho, k=k, alpha=alpha, search=search)
+            d, alpha, _ = xsam_direction(loss, w, rho=rho, k=k, alpha=alpha, search=search, alpha_max=alpha_max)
             kept = orthogonal_part(d, gradient(loss, w))
         if clip:
             d = d * min(1.0, clip / (float(d.norm()) + 1e-6))
@@ -86,6 +89,8 @@ CASES = {
     "alpha_fixed": (dict(rho=0.2, alpha=1.4, alpha_search_interval=0), dict(rho=0.2, alpha=1.4)),
     "search_k1": (dict(rho=0.3), dict(rho=0.3, search_every_epoch=True)),
     "search_k2": (dict(rho=0.3, ascent_steps=2), dict(rho=0.3, k=2, search_every_epoch=True)),
+    # the default grid with SGD ends at SAM's alpha
+    "search_sgd_default_grid": (dict(rho=0.3, alpha_max=None), dict(rho=0.3, search_every_epoch=True, alpha_max=1.0)),
     "clipping": (dict(rho=0.2, max_grad_norm=0.05), dict(rho=0.2, search_every_epoch=True, clip=0.05)),
     "sam_interval": (
         dict(rho=0.2, sam_interval=2, alpha=1.2, alpha_search_interval=0),

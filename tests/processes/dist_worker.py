@@ -107,7 +107,9 @@ def run(
     **settings,
 ) -> RecordingTrainer:
     defaults = dict(
-        extrapolate_after_drop=0.0,  # the paper's rule, which tests/reference.py implements
+        # the paper's rule, which tests/reference.py implements (grid 0..2 with SGD too)
+        extrapolate_after_drop=0.0,
+        alpha_max=2.0,
         per_device_train_batch_size=2,
         learning_rate=LR,
         optim="sgd",
