@@ -54,6 +54,8 @@ def _settings_table(settings: Mapping[str, Any]) -> list[str]:
     rho = shown.get("rho")
     if "rho_max" in shown and shown["rho_max"] is None and rho is not None:
         shown["rho_max"] = f"{_fmt(2 * rho)} (2 * rho)"
+    if "alpha_max" in shown and shown["alpha_max"] is None:  # settings given without the run's optimizer
+        shown["alpha_max"] = "None (2; 1 with SGD)"
     if "alpha_search_interval" in shown:
         interval = shown["alpha_search_interval"]
         shown["alpha_search_interval"] = {None: "first step of every epoch", 0: "never"}.get(interval, interval)

@@ -181,3 +181,10 @@ def test_bad_alpha_max_is_refused_naming_the_field(value):
 def test_a_step_too_coarse_for_the_sgd_grid_is_refused_up_front():
     with pytest.raises(ValueError, match="one-point search grid"):
         XSAMConfig(alpha_step=1.5)
+
+
+def test_a_card_from_settings_alone_says_what_a_default_alpha_max_means():
+    from hf_xsam.model_card import xsam_section
+
+    assert "| alpha_max | None (2; 1 with SGD) |" in xsam_section(XSAMConfig().xsam_settings, [], None)
+    assert "| alpha_max | 1.5 |" in xsam_section(XSAMConfig(alpha_max=1.5).xsam_settings, [], None)
