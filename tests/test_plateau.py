@@ -188,3 +188,15 @@ def test_a_card_from_settings_alone_says_what_a_default_alpha_max_means():
 
     assert "| alpha_max | None (2; 1 with SGD) |" in xsam_section(XSAMConfig().xsam_settings, [], None)
     assert "| alpha_max | 1.5 |" in xsam_section(XSAMConfig(alpha_max=1.5).xsam_settings, [], None)
+
+
+def test_a_resume_onto_sgd_of_an_alpha_past_one_searches_again():
+    w = torch.nn.Parameter(torch.zeros(2))
+    adamw_run = XSAM([w], rho=RHO, optimizer=torch.optim.AdamW([w]))
+    adamw_run.alpha = 1.5
+    resumed = XSAM([w], rho=RHO, optimizer=torch.optim.SGD([w], lr=0.1))
+    notes = resumed.load_state_dict(adamw_run.state_dict())
+    assert notes == [
+        "saved alpha 1.5 not used (it is not on the search grid 0..1 step 0.1; searching again): alpha is 1"
+    ]
+    assert resumed.alpha == 1.0 and resumed.last_search_step is None
