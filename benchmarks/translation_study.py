@@ -336,12 +336,15 @@ def alpha_table(results: list[dict], configs: list[str], alpha_max: float) -> st
 
 def plot_curves(results: list[dict], configs: list[str], path: Path) -> None:
     """One column per rho: validation BLEU (top) and loss (bottom) per epoch, mean and ± std band per
-    configuration; the configurations without rho are drawn in every column."""
+    configuration; the configurations without rho are drawn in every column. The loss axis shows the last
+    two thirds of the epochs, where the overfitting turns it up; one legend names every configuration."""
     rhos = sorted({r["rho"] for r in results} - {None}) or [None]
-    figure = Figure(figsize=(4.2 * len(rhos), 6.4), layout="constrained")
+    figure = Figure(figsize=(4.2 * len(rhos), 6.8), layout="constrained")
     axes = figure.subplots(2, len(rhos), squeeze=False, sharex=True)
     groups = _groups(results, configs)
+    lines = {}
     for column, rho in enumerate(rhos):
+        late_losses = []
         for index, config in enumerate(configs):
             runs = groups.get((rho, config)) or groups.get((None, config))
             if not runs:
@@ -353,16 +356,21 @@ def plot_curves(results: list[dict], configs: list[str], path: Path) -> None:
                 spread = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
                 epochs = range(1, length + 1)
                 ax = axes[row, column]
-                ax.plot(epochs, mean, color=f"C{index}", label=config)
+                (lines[config],) = ax.plot(epochs, mean, color=f"C{index}", label=config)
                 low, high = [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)]
                 ax.fill_between(epochs, low, high, color=f"C{index}", alpha=0.2)
+                if key == "val_loss":
+                    late_losses += [*low[length // 3 :], *high[length // 3 :]]
+        if late_losses:
+            margin = 0.1 * (max(late_losses) - min(late_losses)) or 0.01
+            axes[1, column].set_ylim(min(late_losses) - margin, max(late_losses) + margin)
         axes[0, column].set_title(f"rho {_rho(rho)}")
         axes[1, column].set_xlabel("epoch")
         for ax in axes[:, column]:
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("validation BLEU")
     axes[1, 0].set_ylabel("validation loss")
-    axes[0, -1].legend(fontsize="small")
+    figure.legend(list(lines.values()), list(lines), loc="outside upper center", ncols=len(lines))
     figure.savefig(path, dpi=110)
 
 
