@@ -75,7 +75,8 @@ class SaveOnInterruptCallback(TrainerCallback):
     The handler is installed for the duration of ``train()`` and the previous one restored after it. It is not
     installed when several processes train (each would stop at its own step and the checkpoint's collective save
     would hang; the launcher, ``torchrun`` or ``accelerate launch``, stops them instead) nor outside the main
-    thread, where Python cannot catch signals.
+    thread, where Python cannot catch signals, nor where SIGINT is ignored (a job started in the background by a
+    shell script, ``cmd &``, ignores it: Ctrl-C is not meant to reach it).
 
     Example:
         >>> from hf_xsam import SaveOnInterruptCallback
@@ -91,6 +92,8 @@ class SaveOnInterruptCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.interrupted, self._checkpoint = False, None
         if args.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             return
         self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 

@@ -13,6 +13,15 @@ from helpers import TinyClassifier, as_dataset, flat, make_data
 from hf_xsam import SaveOnInterruptCallback, TrainingInterrupted, XSAMTrainer, XSAMTrainingArguments
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Each test starts with Python's own Ctrl-C handler, whatever the suite was started under (a shell script's
+    background job starts with SIGINT ignored), and leaves the handler it found."""
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, found)
+
+
 class CtrlC(TrainerCallback):
     """Sends this process SIGINT at the start of the optimizer step after ``after_step``."""
 
@@ -58,3 +67,12 @@ def test_a_second_ctrl_c_raises_at_once_and_puts_the_handler_back(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored_and_training_runs_to_the_end(tmp_path):
+    whole = train(tmp_path / "whole", XSAMTrainer)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: `python train.py &` in a shell script
+    ignored = train(tmp_path / "ignored", XSAMTrainer, [SaveOnInterruptCallback(), CtrlC(after_step=4)])
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert get_last_checkpoint(str(tmp_path / "ignored")) is None  # nothing saved: the run was not stopped
+    assert torch.equal(flat(whole), flat(ignored))
