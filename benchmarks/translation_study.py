@@ -356,7 +356,7 @@ def plot_curves(results: list[dict], configs: list[str], path: Path) -> None:
                 spread = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
                 epochs = range(1, length + 1)
                 ax = axes[row, column]
-                (lines[config],) = ax.plot(epochs, mean, color=f"C{index}", label=config)
+                (lines[config],) = ax.plot(epochs, mean, color=f"C{index}")
                 low, high = [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)]
                 ax.fill_between(epochs, low, high, color=f"C{index}", alpha=0.2)
                 if key == "val_loss":

@@ -91,9 +91,11 @@ class SaveOnInterruptCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.interrupted, self._checkpoint = False, None
-        if args.world_size > 1 or threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        if (
+            args.world_size > 1
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        ):
             return
         self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
