@@ -66,8 +66,9 @@ from label_noise import add_label_noise
 logger = logging.getLogger(__name__)
 
 # without any of these options the script runs on its embedded data and model, with EMBEDDED_DEFAULTS
-DATA_OPTIONS = {"dataset_name", "train_dir", "validation_dir", "train_file", "validation_file"}
+DATA_OPTIONS = {"dataset_name", "train_dir", "validation_dir", "train_file", "validation_file", "test_file"}
 DATA_AND_MODEL_OPTIONS = DATA_OPTIONS | {"model_name_or_path"}
+RUN_FLAGS = ("do_train", "do_eval", "do_predict")
 ARCHITECTURES = ("vit", "resnet")
 EMBEDDED_DATASET = "scikit-learn digits (8x8)"
 EMBEDDED_DATASET_TYPE = "sklearn-digits"  # not a Hub dataset: the model-index needs a type, this one names the source
@@ -155,6 +156,9 @@ class DataTrainingArguments:
     validation_dir: str | None = field(default=None, metadata={"help": "Validation images, one folder per class."})
     train_file: str | None = field(default=None, metadata={"help": "Training data: parquet or JSON lines."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation data: parquet or JSON lines."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Test data for --do_predict (accuracy once, after training): parquet or JSON lines."}
+    )
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images (or their paths)."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
     train_val_split: float = field(
@@ -162,6 +166,7 @@ class DataTrainingArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test images."})
     min_crop_scale: float = field(
         default=0.08,
         metadata={"help": "Random resized crop of training images: smallest area kept (1 turns it off)."},
@@ -181,12 +186,14 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        sources = [self.dataset_name, self.train_dir or self.validation_dir, self.train_file or self.validation_file]
+        files = self.train_file or self.validation_file or self.test_file
+        sources = [self.dataset_name, self.train_dir or self.validation_dir, files]
         if sum(source is not None for source in sources) > 1:
             raise ValueError(
-                "Give one data source: --dataset_name, --train_dir/--validation_dir or --train_file/--validation_file"
+                "Give one data source: --dataset_name, --train_dir/--validation_dir or "
+                "--train_file/--validation_file/--test_file"
             )
-        for name in ("train_file", "validation_file"):
+        for name in ("train_file", "validation_file", "test_file"):
             path = getattr(self, name)
             if path is not None and path.rsplit(".", 1)[-1] not in ("parquet", "json", "jsonl"):
                 raise ValueError(f"--{name} must be a parquet or JSON lines file, got {path!r}")
@@ -220,7 +227,7 @@ def raw_images(data_args: DataTrainingArguments, model_args: ModelArguments, see
         folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
         files = {split: image_files(split, folder) for split, folder in folders.items() if folder}
         return load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
-    files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     return load_data(
         data_args.dataset_name, data_args.dataset_config_name, files, model_args.cache_dir, model_args.token
     )
@@ -348,7 +355,7 @@ def main() -> None:
     # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMTrainingArguments))
     model_args, data_args, training_args, last_checkpoint = start(
-        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger
+        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger, run_flags=RUN_FLAGS
     )
 
     # 5. Data
@@ -356,7 +363,7 @@ def main() -> None:
     if "validation" not in dataset and "train" in dataset and data_args.train_val_split > 0:
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=training_args.seed)
         dataset = DatasetDict(train=split["train"], validation=split["test"])
-    for split, flag in (("train", "do_train"), ("validation", "do_eval")):
+    for split, flag in (("train", "do_train"), ("validation", "do_eval"), ("test", "do_predict")):
         if getattr(training_args, flag) and split not in dataset:
             raise UsageError(f"--{flag} needs a {split!r} split; the data has {', '.join(dataset)}")
     labels = next(iter(dataset.values())).features[data_args.label_column_name].names
@@ -415,7 +422,11 @@ def main() -> None:
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": batch[label_column]}
 
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_predict_samples,
+    }
     for split, limit in limits.items():
         if split in dataset:
             if limit is not None:
@@ -466,13 +477,17 @@ def main() -> None:
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         record_metrics(trainer, "eval", trainer.evaluate(dataset["validation"]), len(dataset["validation"]))
+    if training_args.do_predict:
+        logger.info("*** Predict ***")
+        results = trainer.predict(dataset["test"], metric_key_prefix="predict")
+        record_metrics(trainer, "predict", results.metrics, len(dataset["test"]))
 
     # 11. Model card and push: the dataset's name and type and the task put the metrics into the Hub metadata
     embedded = (EMBEDDED_DATASET, EMBEDDED_DATASET_TYPE) if data_args.embedded else None
     folders = (data_args.train_dir, data_args.validation_dir)
-    files = (data_args.train_file, data_args.validation_file)
+    files = (data_args.train_file, data_args.validation_file, data_args.test_file)
     local_type = (
-        "imagefolder" if any(folders) else "parquet" if str(files[0] or files[1]).endswith(".parquet") else "json"
+        "imagefolder" if any(folders) else "parquet" if next(filter(None, files), "").endswith(".parquet") else "json"
     )
     dataset_name, dataset_type = dataset_identity(embedded, data_args.dataset_name, folders + files, local_type)
     if data_args.label_noise > 0:

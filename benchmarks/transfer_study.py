@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Transfer study: fine-tune a pretrained ViT on a new task with AdamW, SAM, XSAM and a cheap schedule.
+
+The target task is CIFAR-10's last five classes (dog, frog, horse, ship, truck), which the checkpoint given with
+``--model`` never saw. For each training-set size (``--sizes``, images per class) and seed, the seed draws the
+training images and, disjoint from them, a validation part (``--val_per_class``), both from CIFAR-10's *training*
+images; the test set is all 5,000 test images of the five classes. Every run is one call of
+``scripts/classify_images.py`` as a user runs it: ``--model_name_or_path MODEL --ignore_mismatched_sizes`` (a new
+head), validation accuracy every epoch, test accuracy once at the end (``--do_predict``).
+
+Choices are made on the validation part only: first AdamW's learning rate (``--lrs``), then, at that learning rate,
+rho for each sharpness-aware configuration (``--rhos``); each configuration's choice is the one with the highest
+mean final validation accuracy over the seeds. The report gives every run's validation accuracy, then the test
+accuracy of the chosen settings with their cost and the same-seed differences against AdamW. Finished runs are
+skipped, so an interrupted study continues where it stopped. Results: ``NAME.json`` (all runs) and ``NAME.md``.
+
+Example (docs/transfer.md):
+    python benchmarks/transfer_study.py --data_dir ../shared/data/cifar10 --model ../shared/models/vit-cifar5 \\
+        --sizes 50 --seeds 0 1 2 --jobs 2 --output_dir runs/transfer --name transfer -- --num_train_epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+__all__ = ["CONFIGS", "TARGET_CLASSES", "draw_splits", "run_name", "summarize_run", "choose", "report", "main"]
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
+# CIFAR-10's labels 5..9, the classes a checkpoint pretrained on labels 0..4 has not seen
+TARGET_CLASSES = {5: "dog", 6: "frog", 7: "horse", 8: "ship", 9: "truck"}
+# the configurations compared, by name: the script's flags for each
+CONFIGS = {
+    "adamw": ["--sam_method", "none"],
+    "sam": ["--sam_method", "sam"],
+    "xsam": ["--sam_method", "xsam"],  # the package's defaults
+    # the README's cheap schedule: half the run plain, then every second step sharpness-aware, with reuse
+    "cheap": [
+        "--sam_method",
+        "xsam",
+        "--sam_start_ratio",
+        "0.5",
+        "--sam_interval",
+        "2",
+        "--sam_reuse",
+        "true",
+        "--alpha_search",
+        "coarse_to_fine",
+        "--extrapolate_after_drop",
+        "0",
+    ],
+    # every second step sharpness-aware from the start, no reuse
+    "xsam-i2": ["--sam_method", "xsam", "--sam_interval", "2"],
+}
+FINE_TUNE_FLAGS = [
+    "--ignore_mismatched_sizes",
+    "--do_train",
+    "--do_eval",
+    "--do_predict",
+    "--image_column_name",
+    "img",
+    "--num_train_epochs",
+    "20",
+    "--per_device_train_batch_size",
+    "32",
+    "--per_device_eval_batch_size",
+    "250",
+    "--weight_decay",
+    "0.05",
+    "--lr_scheduler_type",
+    "cosine",
+    "--warmup_steps",
+    "0.1",
+    "--min_crop_scale",
+    "0.7",
+    "--eval_strategy",
+    "epoch",
+    "--save_strategy",
+    "no",
+    "--logging_strategy",
+    "epoch",
+    "--report_to",
+    "none",
+]
+
+
+def draw_splits(data_dir: Path, per_class: int, val_per_class: int, seed: int, folder: Path) -> dict[str, Path]:
+    """Write the seed's training and validation draws of the target classes, and their whole test set, as parquet
+    files in the Hub's layout (``img``, ``label`` with the five class names); returns the three paths."""
+    import numpy as np
+    from datasets import ClassLabel, concatenate_datasets, load_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {split: folder / f"{split}.parquet" for split in ("train", "validation", "test")}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    source = load_dataset(
+        "parquet", data_files={"train": str(data_dir / "train.parquet"), "test": str(data_dir / "test.parquet")}
+    )
+    relabel = {old: new for new, old in enumerate(TARGET_CLASSES)}
+    label = ClassLabel(names=list(TARGET_CLASSES.values()))
+
+    def target(split) -> object:
+        kept = split.filter(lambda labels: [x in relabel for x in labels], input_columns="label", batched=True)
+        kept = kept.cast_column("label", ClassLabel(num_classes=10))
+        kept = kept.map(lambda labels: {"label": [relabel[x] for x in labels]}, input_columns="label", batched=True)
+        return kept.cast_column("label", label)
+
+    train = target(source["train"])
+    labels = np.array(train["label"])
+    rng = np.random.default_rng(seed)
+    picks = {"train": [], "validation": []}
+    for cls in range(len(TARGET_CLASSES)):
+        order = rng.permutation(np.flatnonzero(labels == cls))
+        picks["train"].extend(order[:per_class].tolist())
+        picks["validation"].extend(order[per_class : per_class + val_per_class].tolist())
+    for split, rows in picks.items():
+        drawn = concatenate_datasets([train.select(sorted(rows))]).shuffle(seed=seed)
+        drawn.to_parquet(str(paths[split]))
+    target(source["test"]).to_parquet(str(paths["test"]))
+    return paths
+
+
+def run_name(size: int, config: str, lr: float, rho: float | None, seed: int) -> str:
+    rho_part = "" if rho is None else f"-rho{rho:g}"
+    return f"n{size}-{config}-lr{lr:g}{rho_part}-seed{seed}"
+
+
+def summarize_run(log_history: list[dict], results: dict) -> dict:
+    """Curves and costs of one run from its ``trainer_state.json`` log and ``all_results.json``."""
+    evals = [entry for entry in log_history if "eval_accuracy" in entry]
+    trains = [entry for entry in log_history if "loss" in entry]
+    val = [entry["eval_accuracy"] for entry in evals]
+    best = max(range(len(val)), key=val.__getitem__) if val else None
+    passes = [entry["xsam/passes"] for entry in trains if "xsam/passes" in entry]
+    searches = [entry.get("xsam/search_forwards", 0.0) for entry in trains if "xsam/passes" in entry]
+    alphas = [entry["xsam/alpha"] for entry in trains if "xsam/alpha" in entry]
+    return {
+        "val_curve": val,
+        "val_final": val[-1] if val else None,
+        "val_best": val[best] if val else None,
+        "val_best_epoch": best + 1 if val else None,
+        "train_loss": [entry["loss"] for entry in trains],
+        "alpha": alphas,
+        "passes_per_step": statistics.fmean(passes) if passes else 1.0,
+        "search_forwards_per_step": statistics.fmean(searches) if searches else 0.0,
+        "test_accuracy": results["predict_accuracy"],
+        "train_runtime": results.get("train_runtime"),
+    }
+
+
+def run_one(setting: dict, splits: dict[str, Path], model: str, extra: list[str], out: Path) -> dict:
+    """Fine-tune once (or read the finished run's record) and return the run's record."""
+    record_path = out / "study_run.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    flags = [
+        "--model_name_or_path",
+        model,
+        "--train_file",
+        str(splits["train"]),
+        "--validation_file",
+        str(splits["validation"]),
+        "--test_file",
+        str(splits["test"]),
+        *FINE_TUNE_FLAGS,
+        *CONFIGS[setting["config"]],
+        "--learning_rate",
+        str(setting["lr"]),
+        *([] if setting["rho"] is None else ["--rho", str(setting["rho"])]),
+        "--seed",
+        str(setting["seed"]),
+        "--output_dir",
+        str(out / "model"),
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.time()
+    with open(out / "log.txt", "w") as log:
+        subprocess.run([sys.executable, str(SCRIPT), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - start
+    model_dir = out / "model"
+    state = json.loads((model_dir / "trainer_state.json").read_text())
+    results = json.loads((model_dir / "all_results.json").read_text())
+    record = {**setting, **summarize_run(state["log_history"], results), "wall_s": wall, "steps": state["global_step"]}
+    for heavy in model_dir.glob("*.safetensors"):
+        heavy.unlink()  # the study keeps the numbers, not the weights
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{_mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def _groups(runs: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: (r["size"], r["config"], r["lr"], r["rho"] or 0, r["seed"])):
+        groups.setdefault((run["size"], run["config"], run["lr"], run["rho"]), []).append(run)
+    return groups
+
+
+def choose(runs: list[dict], size: int, config: str) -> tuple[float, float | None] | None:
+    """The (lr, rho) of ``config`` at ``size`` with the highest mean final validation accuracy, or None."""
+    candidates = {
+        (lr, rho): group for (s, c, lr, rho), group in _groups(runs).items() if s == size and c == config
+    }
+    if not candidates:
+        return None
+    return max(candidates, key=lambda key: _mean([run["val_final"] for run in candidates[key]]))
+
+
+def _relative_cost(run: dict) -> float:
+    # a forward-backward pass counts 3 (a forward and a backward of twice its cost), a search forward 1
+    return (3 * run["passes_per_step"] + run["search_forwards_per_step"]) / 3
+
+
+def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
+    """The markdown report: every setting's validation accuracy, then the chosen settings on the test set."""
+    lines = ["## Validation accuracy of every setting (the choices are made here)", ""]
+    lines += ["| images per class | configuration | lr | rho | seeds | final val acc | best val acc (epoch) |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+    for (size, config, lr, rho), group in _groups(runs).items():
+        epochs = ", ".join(str(run["val_best_epoch"]) for run in group)
+        lines.append(
+            f"| {size} | {config} | {lr:g} | {'' if rho is None else f'{rho:g}'} | {len(group)} | "
+            f"{_mean_std([run['val_final'] for run in group])} | "
+            f"{_mean_std([run['val_best'] for run in group])} ({epochs}) |"
+        )
+    lines += ["", "## Test accuracy of the chosen settings", ""]
+    lines += ["| images per class | configuration | lr | rho | seeds | test acc | − AdamW, same seed (ahead) | "
+              "passes/step | cost vs AdamW | wall s |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups = _groups(runs)
+    for size in sizes:
+        baseline_key = choose(runs, size, "adamw")
+        baseline = {run["seed"]: run for run in groups.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
+        base_cost = _mean([_relative_cost(run) for run in baseline.values()]) if baseline else None
+        for config in configs:
+            key = choose(runs, size, config)
+            if key is None:
+                continue
+            group = groups[(size, config, *key)]
+            diffs = [run["test_accuracy"] - baseline[run["seed"]]["test_accuracy"] for run in group
+                     if run["seed"] in baseline]
+            diff = (f"{_mean(diffs):+.3f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
+                    if diffs and config != "adamw" else "")
+            cost = _mean([_relative_cost(run) for run in group])
+            lines.append(
+                f"| {size} | {config} | {key[0]:g} | {'' if key[1] is None else f'{key[1]:g}'} | {len(group)} | "
+                f"{_mean_std([run['test_accuracy'] for run in group])} | {diff} | "
+                f"{_mean([run['passes_per_step'] for run in group]):.2f} | "
+                f"{cost / base_cost if base_cost else float('nan'):.2f}x | "
+                f"{_mean([run['wall_s'] for run in group]):.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", type=Path, required=True, help="CIFAR-10 parquet files (train, test)")
+    parser.add_argument("--model", required=True, help="the pretrained checkpoint (Hub id or folder)")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--name", default="transfer", help="file stem of the report in --output_dir")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50], help="training images per class")
+    parser.add_argument("--val_per_class", type=int, default=50)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="AdamW's learning rates")
+    parser.add_argument("--rhos", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
+    args, extra = parser.parse_known_args(argv)
+    extra = [flag for flag in extra if flag != "--"]
+    configs = ["adamw", *(c for c in args.configs if c != "adamw")]
+
+    splits = {
+        (size, seed): draw_splits(
+            args.data_dir, size, args.val_per_class, seed, args.output_dir / "data" / f"n{size}-seed{seed}"
+        )
+        for size in args.sizes
+        for seed in args.seeds
+    }
+    # runs of earlier invocations in the same --output_dir count too (another size, more rhos)
+    runs = [json.loads(path.read_text()) for path in sorted(args.output_dir.glob("*/study_run.json"))]
+
+    def execute(settings: list[dict]) -> None:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [
+                pool.submit(
+                    run_one,
+                    setting,
+                    splits[(setting["size"], setting["seed"])],
+                    args.model,
+                    extra,
+                    args.output_dir / run_name(**setting),
+                )
+                for setting in settings
+            ]
+            for future in futures:
+                record = future.result()
+                if record not in runs:
+                    runs.append(record)
+                write()
+
+    def write() -> None:
+        (args.output_dir / f"{args.name}.json").write_text(json.dumps(runs, indent=1))
+        (args.output_dir / f"{args.name}.md").write_text(
+            f"`{' '.join(['python', 'benchmarks/transfer_study.py', *(argv or sys.argv[1:])])}`\n\n"
+            + report(runs, sorted({run["size"] for run in runs}), configs)
+        )
+
+    # AdamW's learning rate first, then rho at that learning rate for each sharpness-aware configuration
+    execute([
+        {"size": size, "config": "adamw", "lr": lr, "rho": None, "seed": seed}
+        for size in args.sizes for lr in args.lrs for seed in args.seeds
+    ])
+    execute([
+        {"size": size, "config": config, "lr": choose(runs, size, "adamw")[0], "rho": rho, "seed": seed}
+        for size in args.sizes for rho in args.rhos for config in configs[1:] for seed in args.seeds
+    ])
+    write()
+    print(report(runs, sorted({run["size"] for run in runs}), configs))
+
+
+if __name__ == "__main__":
+    main()
