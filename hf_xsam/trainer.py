@@ -39,6 +39,7 @@ from .model_card import add_xsam_section
 from .resume import has_full_weights, load_model_weights
 from .skipping import guard_optimizer_step
 from .state import STATE_NAME, read_state_file, write_state_file
+from .summary import describe_run
 
 __all__ = ["XSAMTrainerMixin", "XSAMTrainer", "XSAMSeq2SeqTrainer"]
 
@@ -88,6 +89,7 @@ class XSAMTrainerMixin:
     def _xsam_new_run(self) -> None:
         """Forget the engine and the figures of an earlier run (a resume restores its state afterwards)."""
         self.xsam: XSAM | None = None
+        self._xsam_described = False  # the run's one-line summary is logged at its first step
         self._xsam_pending_state: dict[str, Any] | None = None
         # sums since the last log: STEP_TOTALS (a tensor, no host sync), the number of sharpness-aware micro-batches
         # and steps, and alpha over those steps; the cost of every optimizer step: steps, forward-backward passes,
@@ -209,6 +211,10 @@ class XSAMTrainerMixin:
         The steps before ``sam_start_ratio`` and between those of ``sam_interval`` are the Trainer's own (with
         ``sam_reuse``, their gradient receives the kept direction once it is complete).
         """
+        if not self._xsam_described:
+            self._xsam_described = True
+            summary = describe_run(self.args, self.optimizer, self.state.max_steps, self.state.num_train_epochs)
+            logger.info(f"hf_xsam: {summary}")
         if not self.args.step_rule.sharpness_aware:
             return super().training_step(model, inputs, num_items_in_batch)
         engine = self._xsam_engine(model)
