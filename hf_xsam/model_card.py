@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard
 
 from .rules import STEP_RULES
 
@@ -170,12 +170,19 @@ def xsam_section(
     return "\n".join(lines) + "\n"
 
 
-def add_xsam_section(card_path: str, trainer: Any) -> None:
+def add_xsam_section(card_path: str, trainer: Any, about: Mapping[str, str] | None = None) -> None:
     """Add the XSAM section and Hub metadata to the model card at ``card_path``; rerunning replaces the section.
+
+    It also tidies what the Trainer wrote: every evaluation metric goes into ``model-index`` (the Trainer keeps only
+    those it knows: BLEU but not chrF), counters such as ``Num Tokens`` leave the results, an empty "Training
+    results" heading goes, the optimizer line reads as the ``optim`` flag, and the sections the Trainer leaves as
+    "More information needed" get the text of ``about`` where it has some.
 
     Args:
         card_path: the card written by ``Trainer.create_model_card`` (``README.md`` of the output folder).
         trainer: an ``XSAMTrainer`` or ``XSAMSeq2SeqTrainer``; its settings, logs and engine state are read.
+        about: text for the Trainer's placeholder sections, by key: ``"description"`` (Model description),
+            ``"uses"`` (Intended uses & limitations), ``"data"`` (Training and evaluation data).
     """
     card = ModelCard.load(card_path)
     card.data.library_name = card.data.library_name or "transformers"
@@ -193,8 +200,9 @@ def add_xsam_section(card_path: str, trainer: Any) -> None:
             result.dataset_split = None
         if result.dataset_config == "None":
             result.dataset_config = None
+    _add_missing_metrics(card, trainer.state.log_history)
     section = xsam_section(settings, trainer.state.log_history, engine.state_dict() if engine is not None else None)
-    text = _warmup_as_set(card.text, trainer)
+    text = _tidy_trainer_text(_warmup_as_set(card.text, trainer), trainer.args, about or {})
     if SECTION_START in text and SECTION_END in text:
         before, rest = text.split(SECTION_START, 1)
         text = before + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
@@ -213,3 +221,78 @@ def _warmup_as_set(text: str, trainer: Any) -> str:
     steps = f" ({trainer.args.get_warmup_steps(total)} of the {total} training steps)" if total else ""
     line = f"- lr_scheduler_warmup_ratio: {warmup:g}{steps}"
     return re.sub(r"^- lr_scheduler_warmup_steps: .*$", line, text, count=1, flags=re.M)
+
+
+# what the Trainer's card calls its placeholder sections, by the key of ``about`` (see add_xsam_section)
+PLACEHOLDER_SECTIONS = {
+    "description": "Model description",
+    "uses": "Intended uses & limitations",
+    "data": "Training and evaluation data",
+}
+# evaluation log entries that are not results: timings, counters, the generation length, TRL's entropy
+NOT_RESULTS = (
+    "loss",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "gen_len",
+    "num_tokens",
+    "epoch",
+    "entropy",
+)
+
+
+def _tidy_trainer_text(text: str, args: Any, about: Mapping[str, str]) -> str:
+    """The Trainer's card text with the placeholders of ``about`` filled, no counter among the results, no empty
+    "Training results" heading and the optimizer named as the ``optim`` flag names it."""
+    for key, heading in PLACEHOLDER_SECTIONS.items():
+        if about.get(key):
+            text = text.replace(f"## {heading}\n\nMore information needed", f"## {heading}\n\n{about[key].strip()}")
+    text = re.sub(r"^- Num Tokens: .*\n", "", text, flags=re.M)
+    text = re.sub(r"### Training results\n\s*\n(?=#)", "", text)
+    optim = getattr(args.optim, "value", args.optim)
+
+    def optimizer_line(match: re.Match) -> str:
+        extra = match[3] if match[3] != "No additional optimizer arguments" else ""
+        return f"- optimizer: {optim} (betas {match[1]}, epsilon {match[2]}{', ' + extra if extra else ''})"
+
+    pattern = (
+        r"^- optimizer: Use OptimizerNames\.\w+ with betas=(\([^)]*\)) and epsilon=(\S+) and optimizer_args=(.*)$"
+    )
+    return re.sub(pattern, optimizer_line, text, flags=re.M)
+
+
+def _add_missing_metrics(card: ModelCard, log_history: Sequence[Mapping[str, Any]]) -> None:
+    """Put every result of the last evaluation into ``model-index`` beside those the Trainer put there (same task
+    and dataset), and take counters out of it."""
+    results = list(card.data.eval_results or [])
+    if not results:
+        return
+    evaluations = [log for log in log_history if any(key.startswith("eval_") for key in log)]
+    last = evaluations[-1] if evaluations else {}
+    known = {result.metric_type for result in results}
+    template = results[0]
+    for key, value in last.items():
+        name = key.removeprefix("eval_")
+        if not key.startswith("eval_") or name in known or name.endswith(NOT_RESULTS) or not isinstance(value, float):
+            continue
+        results.append(
+            EvalResult(
+                task_type=template.task_type,
+                task_name=template.task_name,
+                dataset_type=template.dataset_type,
+                dataset_name=template.dataset_name,
+                dataset_config=template.dataset_config,
+                dataset_split=template.dataset_split,
+                dataset_args=template.dataset_args,
+                metric_type=name,
+                metric_name=name.replace("_", " ").title() if name != "chrf" else "chrF",
+                metric_value=value,
+            )
+        )
+    card.data.eval_results = [result for result in results if not result.metric_type.endswith(NOT_RESULTS)] or None
+    names = [result.metric_type for result in card.data.eval_results or []]
+    card.data.metrics = [
+        *(card.data.metrics or []),
+        *(name for name in names if name not in (card.data.metrics or [])),
+    ]

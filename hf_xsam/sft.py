@@ -87,7 +87,14 @@ class XSAMSFTTrainer(XSAMTrainerMixin, SFTTrainer):
     xsam_protected_attributes = ("_metrics", "_total_train_tokens")
 
     def create_model_card(
-        self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **kwargs: Any
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: Any = None,
+        model_description: str | None = None,
+        intended_uses: str | None = None,
+        training_data: str | None = None,
+        **kwargs: Any,
     ) -> None:
         """The Trainer's model card with TRL's tags, the step rule's tags and the XSAM section (as
         :meth:`XSAMTrainerMixin.create_model_card`), in place of TRL's card.
@@ -102,4 +109,5 @@ class XSAMSFTTrainer(XSAMTrainerMixin, SFTTrainer):
         kwargs.setdefault("dataset", dataset_name)
         Trainer.create_model_card(self, model_name=model_name, tags=tags, **kwargs)
         if self.is_world_process_zero():
-            add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self)
+            about = {"description": model_description, "uses": intended_uses, "data": training_data}
+            add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self, about)

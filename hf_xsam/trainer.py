@@ -333,14 +333,26 @@ class XSAMTrainerMixin:
     # ----------------------------------------------------------------------------------------------
     # model card
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The Trainer's model card, plus the step rule's tags and a section on the XSAM settings and results."""
+    def create_model_card(
+        self,
+        *args: Any,
+        model_description: str | None = None,
+        intended_uses: str | None = None,
+        training_data: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The Trainer's model card, plus the step rule's tags and a section on the XSAM settings and results.
+
+        ``model_description``, ``intended_uses`` and ``training_data`` replace the Trainer's "More information
+        needed" in those sections (see :func:`hf_xsam.model_card.add_xsam_section`).
+        """
         tags = kwargs.pop("tags", None)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         kwargs["tags"] = tags + [tag for tag in self.args.step_rule.tags if tag not in tags]
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
-            add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self)
+            about = {"description": model_description, "uses": intended_uses, "data": training_data}
+            add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self, about)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints

@@ -466,13 +466,37 @@ def record_metrics(trainer: Trainer, split: str, metrics: dict[str, float], num_
     trainer.save_metrics(split, metrics)
 
 
-def finish(trainer: Trainer, **card_kwargs: Any) -> None:
+def card_about(
+    task: str, model: Any, finetuned_from: str | None, dataset: str, sizes: dict[str, int], unit: str
+) -> dict[str, str]:
+    """The model card's description, intended uses and data sections, from what the script knows.
+
+    >>> card_about("translates en to fr", None, "t5-small", "wmt16", {"train": 9, "validation": 2}, "pairs")["data"]
+    'wmt16: 9 training pairs, 2 validation pairs.'
+    """
+    origin = f"fine-tuned from {finetuned_from}" if finetuned_from else "trained from scratch"
+    size = f" ({model.num_parameters():,} parameters)" if hasattr(model, "num_parameters") else ""
+    kind = type(model).__name__ if model is not None else "A model"
+    split_names = {"train": "training", "validation": "validation", "test": "test"}
+    counts = ", ".join(f"{count:,} {split_names.get(split, split)} {unit}" for split, count in sizes.items())
+    return {
+        "model_description": f"{kind}{size}, {origin} with hf_xsam; it {task}.",
+        "intended_uses": f"The model {task}, for inputs like its training data ({dataset}). Check it on your own "
+        "data before relying on it: the results above are on its evaluation split only.",
+        "training_data": f"{dataset}: {counts}.",
+    }
+
+
+def finish(trainer: Trainer, about: dict[str, str] | None = None, **card_kwargs: Any) -> None:
     """Write the model card, and push model, processor and card when ``--push_to_hub`` is on.
+
+    ``about`` fills the card's description, uses and data sections (:func:`card_about`).
 
     The push goes through ``Trainer.push_to_hub``. The model is saved before the upload starts, so a failed
     upload (offline, no token) leaves everything in ``--output_dir``; the error says so.
     """
     args = trainer.args
+    card_kwargs = {**(about or {}), **card_kwargs}
     if not args.push_to_hub:
         trainer.create_model_card(**card_kwargs)
         return

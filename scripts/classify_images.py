@@ -51,6 +51,7 @@ from _common import (
     UsageError,
     build_trainer,
     built_from_config,
+    card_about,
     dataset_identity,
     finish,
     from_hub,
@@ -157,7 +158,8 @@ class DataTrainingArguments:
     train_file: str | None = field(default=None, metadata={"help": "Training data: parquet or JSON lines."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation data: parquet or JSON lines."})
     test_file: str | None = field(
-        default=None, metadata={"help": "Test data for --do_predict (accuracy once, after training): parquet or JSON lines."}
+        default=None,
+        metadata={"help": "Test data for --do_predict (accuracy once, after training): parquet or JSON lines."},
     )
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images (or their paths)."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
@@ -495,8 +497,11 @@ def main() -> None:
             f"{dataset_name or 'local files'} with {data_args.label_noise:.0%} symmetric label noise "
             f"(seed {data_args.label_noise_seed})"
         )
+    sizes = {split: len(data) for split, data in dataset.items()}
+    task = f"classifies images into {len(labels)} classes ({', '.join(labels)})"
     finish(
         trainer,
+        card_about(task, trainer.model, model_args.model_name_or_path, dataset_name, sizes, "images"),
         finetuned_from=model_args.model_name_or_path,
         tasks="image-classification",
         dataset=dataset_name,

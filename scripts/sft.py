@@ -48,6 +48,7 @@ from _common import (
     UsageError,
     build_trainer,
     built_from_config,
+    card_about,
     dataset_identity,
     finish,
     from_hub,
@@ -340,8 +341,10 @@ def main() -> None:
         (data_args.train_file, data_args.validation_file),
         "json",
     )
+    sizes = {split: len(data) for split, data in splits.items()}
     finish(
         trainer,
+        card_about("generates text", trainer.model, model_args.model_name_or_path, dataset_name, sizes, "examples"),
         finetuned_from=model_args.model_name_or_path,
         tasks="text-generation",
         dataset=dataset_name,

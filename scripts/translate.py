@@ -53,6 +53,7 @@ from _common import (
     UsageError,
     build_trainer,
     built_from_config,
+    card_about,
     dataset_identity,
     finish,
     from_hub,
@@ -478,8 +479,17 @@ def main() -> None:
         (data_args.train_file, data_args.validation_file, data_args.test_file),
         "json",
     )
+    sizes = {split: len(data) for split, data in tokenized.items()}
     finish(
         trainer,
+        card_about(
+            f"translates {source_key} to {target_key}",
+            trainer.model,
+            model_args.model_name_or_path,
+            dataset_name,
+            sizes,
+            "pairs",
+        ),
         finetuned_from=model_args.model_name_or_path,
         tasks="translation",
         language=[source_key, target_key],

@@ -137,13 +137,20 @@ def test_translate_embedded_run_saves_model_tokenizer_metrics_and_card(tmp_path,
     assert card.data.library_name == "transformers" and card.data.language == ["en", "fr"]
     assert "| rho | 0.05 |" in card.text and "| alpha_search_interval | 2 |" in card.text
     assert "trained from scratch" in card.text
-    (result,) = card.data.eval_results  # the BLEU reaches the Hub metadata (model-index)
-    assert (result.task_type, result.dataset_name, result.dataset_type) == (
-        "translation",
-        translate.EMBEDDED_DATASET,
-        "num2words-en-fr",
-    )
-    assert result.metric_type == "bleu" and result.metric_value == metrics["eval_bleu"]
+    # BLEU and chrF reach the Hub metadata (model-index), with the same task and dataset
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert results.keys() == {"bleu", "chrf"} and card.data.metrics == ["bleu", "chrf"]
+    for name, result in results.items():
+        assert (result.task_type, result.dataset_name, result.dataset_type) == (
+            "translation",
+            translate.EMBEDDED_DATASET,
+            "num2words-en-fr",
+        )
+        assert result.metric_value == metrics[f"eval_{name}"]
+    # what the script knows replaces the Trainer's placeholders; no empty heading, the optimizer as its flag
+    assert "More information needed" not in card.text and "### Training results" not in card.text
+    assert f"{translate.EMBEDDED_DATASET}: 48 training pairs" in card.text and "translates en to fr" in card.text
+    assert re.search(r"^- optimizer: adamw_torch\w* \(betas \(0\.9,0\.999\), epsilon 1e-08\)$", card.text, re.M)
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
