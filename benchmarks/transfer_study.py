@@ -185,7 +185,9 @@ def run_one(setting: dict, splits: dict[str, Path], model: str, extra: list[str]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.time()
     with open(out / "log.txt", "w") as log:
-        subprocess.run([sys.executable, str(SCRIPT), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        subprocess.run(
+            [sys.executable, str(SCRIPT), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     wall = time.time() - start
     model_dir = out / "model"
     state = json.loads((model_dir / "trainer_state.json").read_text())
@@ -215,9 +217,7 @@ def _groups(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 def choose(runs: list[dict], size: int, config: str) -> tuple[float, float | None] | None:
     """The (lr, rho) of ``config`` at ``size`` with the highest mean final validation accuracy, or None."""
-    candidates = {
-        (lr, rho): group for (s, c, lr, rho), group in _groups(runs).items() if s == size and c == config
-    }
+    candidates = {(lr, rho): group for (s, c, lr, rho), group in _groups(runs).items() if s == size and c == config}
     if not candidates:
         return None
     return max(candidates, key=lambda key: _mean([run["val_final"] for run in candidates[key]]))
@@ -241,8 +241,10 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
             f"{_mean_std([run['val_best'] for run in group])} ({epochs}) |"
         )
     lines += ["", "## Test accuracy of the chosen settings", ""]
-    lines += ["| images per class | configuration | lr | rho | seeds | test acc | − AdamW, same seed (ahead) | "
-              "passes/step | cost vs AdamW | wall s |"]
+    lines += [
+        "| images per class | configuration | lr | rho | seeds | test acc | − AdamW, same seed (ahead) | "
+        "passes/step | cost vs AdamW | wall s |"
+    ]
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups = _groups(runs)
     for size in sizes:
@@ -254,10 +256,16 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
             if key is None:
                 continue
             group = groups[(size, config, *key)]
-            diffs = [run["test_accuracy"] - baseline[run["seed"]]["test_accuracy"] for run in group
-                     if run["seed"] in baseline]
-            diff = (f"{_mean(diffs):+.3f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
-                    if diffs and config != "adamw" else "")
+            diffs = [
+                run["test_accuracy"] - baseline[run["seed"]]["test_accuracy"]
+                for run in group
+                if run["seed"] in baseline
+            ]
+            diff = (
+                f"{_mean(diffs):+.3f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
+                if diffs and config != "adamw"
+                else ""
+            )
             cost = _mean([_relative_cost(run) for run in group])
             lines.append(
                 f"| {size} | {config} | {key[0]:g} | {'' if key[1] is None else f'{key[1]:g}'} | {len(group)} | "
@@ -323,14 +331,23 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # AdamW's learning rate first, then rho at that learning rate for each sharpness-aware configuration
-    execute([
-        {"size": size, "config": "adamw", "lr": lr, "rho": None, "seed": seed}
-        for size in args.sizes for lr in args.lrs for seed in args.seeds
-    ])
-    execute([
-        {"size": size, "config": config, "lr": choose(runs, size, "adamw")[0], "rho": rho, "seed": seed}
-        for size in args.sizes for rho in args.rhos for config in configs[1:] for seed in args.seeds
-    ])
+    execute(
+        [
+            {"size": size, "config": "adamw", "lr": lr, "rho": None, "seed": seed}
+            for size in args.sizes
+            for lr in args.lrs
+            for seed in args.seeds
+        ]
+    )
+    execute(
+        [
+            {"size": size, "config": config, "lr": choose(runs, size, "adamw")[0], "rho": rho, "seed": seed}
+            for size in args.sizes
+            for rho in args.rhos
+            for config in configs[1:]
+            for seed in args.seeds
+        ]
+    )
     write()
     print(report(runs, sorted({run["size"] for run in runs}), configs))
 

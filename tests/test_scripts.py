@@ -448,6 +448,43 @@ def image_folder(root, classes=("cat", "dog"), per_class=4):
     return root
 
 
+def test_classify_reports_test_accuracy_with_do_predict(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    features = Features({"img": Image(), "label": ClassLabel(names=["cat", "dog"])})
+    for split, n in (("train", 16), ("validation", 8), ("test", 12)):
+        images = [PILImage.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+        Dataset.from_dict({"img": images, "label": [i % 2 for i in range(n)]}, features=features).to_parquet(
+            tmp_path / f"{split}.parquet"
+        )
+    out = tmp_path / "out"
+    files = [f"--{split}_file" for split in ("train", "validation", "test")]
+    run(
+        classify_images,
+        monkeypatch,
+        *[value for flag in files for value in (flag, tmp_path / f"{flag[2:-5]}.parquet")],
+        "--image_column_name",
+        "img",
+        *TINY_VIT,
+        "--do_train",
+        "--do_predict",
+        "--max_steps",
+        2,
+        "--output_dir",
+        out,
+        *COMMON,
+    )
+    # the accuracy of the saved model on the test file, computed here
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    processor = AutoImageProcessor.from_pretrained(out)
+    test = Dataset.from_parquet(str(tmp_path / "test.parquet"))
+    with torch.no_grad():
+        logits = model(**processor([image.convert("RGB") for image in test["img"]], return_tensors="pt")).logits
+    expected = (logits.argmax(-1) == torch.tensor(test["label"])).float().mean().item()
+    results = read_json(out / "predict_results.json")
+    assert results["predict_samples"] == 12 and results["predict_accuracy"] == pytest.approx(expected)
+    assert not (out / "eval_results.json").exists()  # --do_eval not given
+
+
 def test_classify_fine_tunes_a_checkpoint_on_image_folders_with_a_new_head(tmp_path, monkeypatch):
     config = ViTConfig(
         image_size=8,
