@@ -160,13 +160,16 @@ class XSAMConfig:
         metadata={
             "help": "On the plain steps between sharpness-aware ones (`sam_interval` > 1), add to the gradient the "
             "part of the last sharpness-aware direction orthogonal to that step's first gradient, rescaled to "
-            "the current gradient's norm times `sam_reuse_scale` (LookSAM's rule). One more parameter-sized "
-            "buffer, no extra pass."
+            "the current gradient's norm times `sam_reuse_scale` (LookSAM's rule), or less: never more, relative to "
+            "the gradient, than that step measured it. One more parameter-sized buffer, no extra pass."
         },
     )
     sam_reuse_scale: float = field(
         default=0.7,
-        metadata={"help": "With `sam_reuse`: the reused component's norm, as a multiple of the gradient's norm."},
+        metadata={
+            "help": "With `sam_reuse`: the largest norm of the reused component, as a multiple of the gradient's "
+            "norm (less where the sharpness-aware step measured a smaller orthogonal part)."
+        },
     )
     sam_perturbation: str = field(
         default="local",

@@ -191,6 +191,7 @@ class XSAM:
         # sam_reuse: the part of the last sharpness-aware direction orthogonal to its first gradient
         self._reused: dict[Tensor, Tensor] = {}
         self._reuse_fresh = True  # the next sharpness-aware micro-batch starts a new kept direction
+        self._reuse_micro_batches = 0  # the micro-batches summed into the kept direction (it keeps their mean)
         self._buffer_lists: dict[tuple[int, ...], list[Tensor]] = {}
         # whether a micro-batch of the current optimizer step was non-finite (OR over micro-batches)
         self._step_nonfinite: Tensor | None = None
@@ -426,24 +427,34 @@ class XSAM:
 
     def _keep_orthogonal_(self, owners: list[Tensor], direction: list[Tensor], first: list[Tensor]) -> None:
         """``sam_reuse``: add to the kept direction the part of this micro-batch's ``direction`` orthogonal to its
-        first gradient ``first`` (scratch: its pass is over); the first micro-batch of a step starts it anew."""
+        first gradient ``first``, divided by that gradient's norm (scratch: its pass is over); the first micro-batch
+        of a step starts it anew, and the last divides the sum by the number of micro-batches (:meth:`_accumulate`).
+        """
         if self._reuse_fresh and self._reused:
             torch._foreach_zero_(list(self._reused.values()))
+        if self._reuse_fresh:
+            self._reuse_micro_batches = 0
         self._reuse_fresh = False
+        self._reuse_micro_batches += 1
         first_norm = self._norm(first)
-        # first <- direction - <direction, first> / ||first||^2 first
+        # first <- (direction - <direction, first> / ||first||^2 first) / ||first||: the orthogonal part, measured
+        # against the gradient it was orthogonal to
         torch._foreach_mul_(first, -self._dot(direction, first) / (first_norm.square() + self.config.sam_eps))
         torch._foreach_add_(first, direction)
-        torch._foreach_add_(self._buffers(self._reused, owners), first)
+        add_scaled_(self._buffers(self._reused, owners), first, 1.0 / (first_norm + self.config.sam_eps))
 
     @torch.no_grad()
     def reuse_direction_(self) -> None:
-        """On a plain step, with ``sam_reuse``: ``g <- g + sam_reuse_scale ||g|| / ||d_perp|| d_perp`` in ``p.grad``.
+        """On a plain step, with ``sam_reuse``: ``g <- g + min(sam_reuse_scale, ||k||) ||g|| / ||k|| k`` in ``p.grad``.
 
-        ``d_perp`` is the part of the last sharpness-aware direction orthogonal to that step's first gradient
-        (LookSAM's rule, Liu et al., CVPR 2022). Before the first sharpness-aware step, and after one that was
-        skipped as non-finite, it is zero and the step stays plain. Call it once per optimizer step, after the
-        gradient is complete (accumulated and averaged over workers) and before clipping.
+        ``k = d_perp / ||g0||`` is the part of the last sharpness-aware direction ``d`` orthogonal to that step's first
+        gradient ``g0``, measured against ``g0`` (the mean over its micro-batches and workers). The reused part is
+        LookSAM's (Liu et al., CVPR 2022: ``sam_reuse_scale`` times the gradient's norm), but never larger, relative to
+        the gradient, than the sharpness-aware step measured it: where theta is tiny the orthogonal part is mostly
+        noise, and lifting it to ``0.7 ||g||`` for several steps can stall what the base optimizer trains
+        (docs/method.md, "Cheap schedules"). Before the first sharpness-aware step, and after one that was skipped as
+        non-finite, it is zero and the step stays plain. Call it once per optimizer step, after the gradient is
+        complete (accumulated and averaged over workers) and before clipping.
         """
         owners = [p for p in self.params if p.grad is not None]
         if not self._reused or not owners:
@@ -451,7 +462,8 @@ class XSAM:
         grads = self._gradients(owners)
         kept = self._buffers(self._reused, owners)
         grad_norm, kept_norm = self._norms(grads, kept)
-        addcmul_scaled_(grads, kept, self.config.sam_reuse_scale * grad_norm / (kept_norm + self.config.sam_eps))
+        size = torch.clamp(kept_norm, max=self.config.sam_reuse_scale)
+        addcmul_scaled_(grads, kept, size * grad_norm / (kept_norm + self.config.sam_eps))
 
     def _cap_before_drop(self, grid: list[float], index: int, loss0: float, record: dict[str, Any]) -> int:
         """``extrapolate_after_drop``: the grid index to keep, given the search's choice and its loss ``loss0`` at ``w0``.
@@ -528,8 +540,9 @@ class XSAM:
             nonfinite = self._average_over_workers_(owners, kept, nonfinite)[1]
         if kept:
             self._reuse_fresh = True
-            # a skipped step leaves nothing to reuse: zero the kept direction (NaN * 0 is NaN, hence nan_to_num)
-            torch._foreach_mul_(kept, (~nonfinite).to(kept[0].dtype))
+            # the mean over the step's micro-batches; a skipped step leaves nothing to reuse: zero the kept
+            # direction (NaN * 0 is NaN, hence nan_to_num)
+            torch._foreach_mul_(kept, (~nonfinite).to(kept[0].dtype) / max(self._reuse_micro_batches, 1))
             for tensor in kept:
                 tensor.nan_to_num_(0.0, 0.0, 0.0)
         return nonfinite

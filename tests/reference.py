@@ -70,13 +70,15 @@ def sgd_step(w: torch.Tensor, direction: torch.Tensor, lr: float) -> torch.Tenso
 
 
 def orthogonal_part(direction: torch.Tensor, first_gradient: torch.Tensor) -> torch.Tensor:
-    """The part of a sharpness-aware direction orthogonal to its step's first gradient (what ``sam_reuse`` keeps)."""
+    """The part of a sharpness-aware direction orthogonal to its step's first gradient, divided by that gradient's
+    norm (what ``sam_reuse`` keeps: its norm is the orthogonal part's size relative to the gradient)."""
     g = first_gradient.double()
-    return direction - (direction @ g) / (g @ g) * g
+    return (direction - (direction @ g) / (g @ g) * g) / g.norm()
 
 
 def reused_direction(grad: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
-    """LookSAM's plain-step direction: ``g + scale ||g|| / ||kept|| kept`` (``g`` alone when nothing is kept)."""
+    """The plain-step direction: ``g + min(scale, ||kept||) ||g|| / ||kept|| kept`` (``g`` alone when nothing is
+    kept): LookSAM's ``scale ||g||``, but never more, relative to ``g``, than the orthogonal part measured."""
     if float(kept.norm()) == 0.0:
         return grad
-    return grad + scale * grad.norm() / kept.norm() * kept
+    return grad + min(scale, float(kept.norm())) * grad.norm() / kept.norm() * kept
