@@ -138,7 +138,8 @@ class XSAMConfig:
         default=EXTRAPOLATE_AFTER_DROP,
         metadata={
             "help": "The alpha search may go past SAM (alpha > 1) only where the loss at w0 on the search batch "
-            "lies this fraction below the first search's; above that a searched alpha past 1 is capped at 1. "
+            "lies this fraction below the first search's; above that a searched alpha past 1 is capped (the best "
+            "searched point at or below 1). "
             "With SGD an extrapolated alpha on the plateau at the start of training (every direction about as "
             "sharp, the arc's edge winning by a hair) can hold training at chance level (docs/method.md). 0 is "
             "the paper's rule exactly."

@@ -10,7 +10,8 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
 
 On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
 evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``). With
-``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped at 1 until the loss has fallen that fraction;
+``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped (the best searched point at or below 1) until
+the loss has fallen that fraction;
 with ``alpha_max=None`` (the default) the grid ends at 1 when the ``optimizer`` given is SGD, at 2 otherwise.
 
 Example:
@@ -59,7 +60,7 @@ from .geometry import (
     slerp_coefficients,
 )
 from .guards import RunningStatsGuard, replayed_random_state
-from .search import SEARCHES
+from .search import SEARCHES, best_index
 from .state import validate_state
 
 __all__ = ["XSAM", "XSAMStepStats", "check_one_device"]
@@ -465,19 +466,31 @@ class XSAM:
         size = torch.clamp(kept_norm, max=self.config.sam_reuse_scale)
         addcmul_scaled_(grads, kept, size * grad_norm / (kept_norm + self.config.sam_eps))
 
-    def _cap_before_drop(self, grid: list[float], index: int, loss0: float, record: dict[str, Any]) -> int:
-        """``extrapolate_after_drop``: the grid index to keep, given the search's choice and its loss ``loss0`` at ``w0``.
+    def _cap_before_drop(
+        self, grid: list[float], index: int, loss0: float, seen: dict[int, float], record: dict[str, Any]
+    ) -> int | None:
+        """``extrapolate_after_drop``: the grid index to keep, given the search's choice ``index``, its loss ``loss0``
+        at ``w0`` and every loss it saw (``seen``); ``None`` keeps the current alpha.
 
-        While ``loss0`` is above ``1 - extrapolate_after_drop`` times the first search's (training has not left
-        its start), an alpha past 1 is capped at the grid point nearest 1 (SAM).
+        The first finite ``loss0`` is the reference (a non-finite one is not kept: the next search's is taken). While
+        ``loss0`` has not fallen ``extrapolate_after_drop`` times the reference's magnitude below it (a reference at
+        or below zero too: ``reference - f |reference|``), an alpha past 1 is capped: the search's choice among the
+        points it evaluated at or below 1 (the largest finite loss, the tie rule of :func:`~hf_xsam.search.best_index`).
         """
-        if self.first_search_loss is None:
+        if self.first_search_loss is None and math.isfinite(loss0):
             self.first_search_loss = loss0
-        threshold = (1 - self.config.extrapolate_after_drop) * self.first_search_loss
-        if grid[index] <= 1 or loss0 <= threshold or self.first_search_loss <= 0:
+        reference = self.first_search_loss
+        if grid[index] <= 1.0:
             return index
+        if reference is not None and loss0 <= reference - self.config.extrapolate_after_drop * abs(reference):
+            return index  # False for a NaN loss0: it caps
         record["capped"] = grid[index]
-        return min(range(len(grid)), key=lambda i: (abs(grid[i] - 1.0), grid[i]))
+        capped = best_index({i: loss for i, loss in seen.items() if grid[i] <= 1.0}, grid)
+        if capped is not None:
+            return capped
+        # no finite loss at or below 1: alpha stays, but not above 1
+        below_one = [i for i, alpha in enumerate(grid) if alpha <= 1.0]
+        return None if self.alpha <= 1.0 else below_one[-1]
 
     def _drop_late_gradients(self, owners: list[Tensor]) -> None:
         """Parameters without a gradient in the first pass get none from this micro-batch.
@@ -646,7 +659,7 @@ class XSAM:
             if self.config.extrapolate_after_drop > 0 and index is not None:
                 (record["loss0"],) = losses_at([(0.0, 0.0)])
                 self.search_forwards += 1
-                index = self._cap_before_drop(grid, index, record["loss0"], record)
+                index = self._cap_before_drop(grid, index, record["loss0"], seen, record)
         torch._foreach_copy_(params, displacement)
         if index is not None:
             self.alpha = grid[index]

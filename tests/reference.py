@@ -41,8 +41,8 @@ def xsam_direction(
 ) -> tuple[torch.Tensor, float, list[float]]:
     """The XSAM update direction at ``w0``, the alpha used and the search losses (empty without search).
 
-    ``cap_at_one``: a searched alpha above 1 becomes the grid point nearest 1 (hf_xsam's ``extrapolate_after_drop``
-    before the loss has fallen enough).
+    ``cap_at_one``: a searched alpha above 1 becomes the grid point at or below 1 with the largest finite loss
+    (hf_xsam's ``extrapolate_after_drop`` before the loss has fallen enough).
     """
     w0 = w0.double()
     w = w0.clone()
@@ -61,7 +61,8 @@ def xsam_direction(
             losses = [float(loss(w0 + rho_max * slerp(v0, v1, theta, a))) for a in grid]
         alpha = grid[losses.index(max(losses))]
         if cap_at_one and alpha > 1:
-            alpha = min(grid, key=lambda a: (abs(a - 1.0), a))
+            at_most_one = [(loss, a) for loss, a in zip(losses, grid) if a <= 1 + 1e-9 and math.isfinite(loss)]
+            alpha = max(at_most_one)[1]
     return g_k.norm() * slerp(v0, v1, theta, alpha), alpha, losses
 
 

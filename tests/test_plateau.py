@@ -12,6 +12,7 @@ import torch
 
 from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
 from hf_xsam.rules import STEP_RULES
+from hf_xsam.state import validate_state
 
 RHO = 0.1
 THETA = math.atan(10.0 * RHO)  # L(w) = w_x + 10 w_x w_y: 45 degrees between v0 and v1 at w0 = 0
@@ -105,6 +106,65 @@ def test_the_reference_loss_is_saved_with_the_state_and_restored():
     assert resumed.first_search_loss is None, "the next search becomes the reference"
     with pytest.raises(ValueError, match=r"first_search_loss is 'x'; it must be null or a finite number"):
         resumed.load_state_dict({**state, "first_search_loss": "x"})
+
+
+def arc_search(at_w0: list[float], arc, **settings) -> XSAM:
+    """One search per step on the two weights of ``plateau_problem``: the loss at w0 is ``at_w0[step]``, the loss at
+    the grid point alpha of the arc ``arc(alpha)`` (any grid step)."""
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    step = [0]
+
+    def forward_backward():
+        loss = w[0] + 10.0 * w[0] * w[1]
+        loss.backward()
+        return loss.detach()
+
+    def loss_only():
+        if float(w.norm()) < 1e-12:
+            return torch.tensor(at_w0[step[0]], dtype=torch.float64)
+        return torch.tensor(arc(math.atan2(float(w[1]), float(w[0])) / THETA), dtype=torch.float64)
+
+    engine = XSAM([w], rho=RHO, alpha_search_interval=1, **settings)
+    for step[0] in range(len(at_w0)):
+        w.grad = None
+        engine.step(forward_backward, loss_only, step=step[0])
+    return engine
+
+
+def rising(alpha: float) -> float:
+    return 2.448 + 0.003 * alpha / 2  # the issue's plateau arc: the grid's end wins
+
+
+@pytest.mark.parametrize("alpha_step, capped", [(0.15, 0.9), (0.35, 0.7), (0.6, 0.6), (0.25, 1.0)])
+def test_the_cap_takes_the_best_point_at_or_below_one_when_one_is_not_on_the_grid(alpha_step, capped):
+    # issue 26: the grid point nearest 1 was 1.05, 1.05 and 1.2 for the first three
+    engine = arc_search([2.303], rising, alpha_step=alpha_step)
+    assert engine.search_history[-1]["capped"] > 1
+    assert engine.alpha == pytest.approx(capped)
+
+
+def test_the_cap_never_takes_a_point_whose_loss_was_not_finite():
+    engine = arc_search([2.303], lambda alpha: math.nan if 0.95 < alpha < 1.05 else rising(alpha))
+    assert engine.search_history[-1]["capped"] == 2.0
+    assert engine.alpha == 0.9, "the best finite loss at or below 1 (the loss at 1 was NaN)"
+
+
+@pytest.mark.parametrize("first", [math.nan, math.inf])
+def test_a_nonfinite_first_loss_is_not_the_reference_the_next_finite_one_is(first):
+    # the loss at w0: non-finite, the start, 6.6% lower (training has started)
+    engine = arc_search([first, 2.303, 2.15], rising)
+    assert [h["alpha"] for h in engine.search_history] == [1.0, 1.0, 2.0]
+    assert engine.first_search_loss == pytest.approx(2.303)
+    assert validate_state(engine.state_dict())["first_search_loss"] == pytest.approx(2.303), (
+        "the checkpoint can be resumed"
+    )
+
+
+def test_a_negative_reference_caps_until_the_loss_has_fallen_by_the_fraction_of_its_magnitude():
+    # threshold -1 - 0.05 * |-1| = -1.05: -1.02 is still the start, -1.06 has fallen
+    engine = arc_search([-1.0, -1.02, -1.06], lambda alpha: rising(alpha) - 3.0)
+    assert [h["alpha"] for h in engine.search_history] == [1.0, 1.0, 2.0]
+    assert [h.get("capped") for h in engine.search_history] == [2.0, 2.0, None]
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, math.nan, "0.05"])
