@@ -321,6 +321,7 @@ class XSAM:
         step: int = 0,
         epoch: int = 0,
         accumulate: bool = False,
+        mean_loss: Callable[[], Tensor] | None = None,
     ) -> XSAMStepStats:
         """Run one XSAM step on one (micro-)batch and leave the direction in ``p.grad``.
 
@@ -339,6 +340,10 @@ class XSAM:
                 added to an internal buffer and ``p.grad`` is cleared. On the last micro-batch ``p.grad`` of every
                 parameter a micro-batch reached receives the sum of its directions and, in ``"local"`` mode, is
                 averaged across workers.
+            mean_loss: the loss at the current weights without gradient, as a mean over this micro-batch's own items
+                (default ``loss_only``). ``extrapolate_after_drop`` compares it from one search to the next: give it
+                where ``loss_only`` is a share of the optimizer step's items (a loss divided by the step's token
+                count under gradient accumulation), which changes with how the items fall over the micro-batches.
 
         Returns:
             :class:`XSAMStepStats` with the loss at ``w0``, the loss at the ascent point, the angle theta
@@ -359,7 +364,7 @@ class XSAM:
                 # a non-finite gradient in any pass makes the sum of the norms non-finite
                 nonfinite = ~torch.isfinite(ascent_norms + plane.grad_norm)
                 if loss_only is not None and self.search_due(step, epoch):
-                    self._search_alpha(loss_only, params, saved, grads, plane, nonfinite)
+                    self._search_alpha(loss_only, params, saved, grads, plane, nonfinite, mean_loss)
                     self.last_search_step, self.last_search_epoch = step, epoch
                     self.search_count += 1
                     self.search_history[-1]["step"] = step
@@ -612,6 +617,7 @@ class XSAM:
         grads: list[Tensor],
         plane: Plane,
         nonfinite: Tensor,
+        mean_loss: Callable[[], Tensor] | None = None,
     ) -> None:
         """Search the grid for the alpha whose point ``w0 + rho_max u(alpha)`` has the largest loss.
 
@@ -634,14 +640,16 @@ class XSAM:
         along_gradient = (self.config.search_radius * c1 / (plane.grad_norm + self.config.sam_eps)).tolist()
         with replayed_random_state(params[0].device) as replay:
 
-            def losses_at(points: Sequence[tuple[float, float]]) -> list[float]:
-                """The (worker-averaged) losses at ``w0 + a (w_k - w0) + b g_k`` for each ``(a, b)``."""
+            def losses_at(
+                points: Sequence[tuple[float, float]], loss_of: Callable[[], Tensor] = loss_only
+            ) -> list[float]:
+                """The (worker-averaged) losses ``loss_of`` at ``w0 + a (w_k - w0) + b g_k`` for each ``(a, b)``."""
                 losses = []
                 for along_d, along_g in points:
                     torch._foreach_copy_(params, saved)
                     torch._foreach_add_(params, displacement, alpha=along_d)
                     torch._foreach_add_(params, grads, alpha=along_g)
-                    losses.append(replay(loss_only).detach().float().reshape(()))
+                    losses.append(replay(loss_of).detach().float().reshape(()))
                     for module in self.fsdp_modules:
                         module.reshard()
                 losses_tensor = torch.stack(losses)
@@ -657,7 +665,8 @@ class XSAM:
             self.search_forwards += len(seen)
             record: dict[str, Any] = {}
             if self.config.extrapolate_after_drop > 0 and index is not None:
-                (record["loss0"],) = losses_at([(0.0, 0.0)])
+                # the loss at w0 in a form that compares across searches (mean_loss), under the search's random state
+                (record["loss0"],) = losses_at([(0.0, 0.0)], mean_loss or loss_only)
                 self.search_forwards += 1
                 index = self._cap_before_drop(grid, index, record["loss0"], seen, record)
         torch._foreach_copy_(params, displacement)

@@ -232,6 +232,11 @@ class XSAMTrainerMixin:
             with self.compute_loss_context_manager():
                 return self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
 
+        def mean_loss() -> torch.Tensor:
+            # without num_items_in_batch the loss is this micro-batch's own mean, not its share of the step's tokens
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, self._prepare_inputs(inputs))
+
         # Under DDP every pass runs without DDP's own all-reduce: the engine reduces what it needs itself.
         # FSDP keeps its reduce-scatter on every backward (the "global" perturbation).
         sync_context = contextlib.nullcontext() if self.is_fsdp_enabled else self.accelerator.no_sync(model)
@@ -242,6 +247,7 @@ class XSAMTrainerMixin:
                 step=self.state.global_step,
                 epoch=math.floor(self.state.epoch or 0),
                 accumulate=not self.accelerator.sync_gradients,
+                mean_loss=mean_loss if num_items_in_batch is not None else None,
             )
         self._record_xsam_stats(stats)
         self._count_cost(passes=self.args.step_rule.passes(self.args.ascent_steps))

@@ -9,7 +9,9 @@ import math
 
 import pytest
 import torch
+from datasets import Dataset
 
+from helpers import SequentialXSAMTrainer
 from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
 from hf_xsam.rules import STEP_RULES
 from hf_xsam.state import validate_state
@@ -165,6 +167,49 @@ def test_a_negative_reference_caps_until_the_loss_has_fallen_by_the_fraction_of_
     engine = arc_search([-1.0, -1.02, -1.06], lambda alpha: rising(alpha) - 3.0)
     assert [h["alpha"] for h in engine.search_history] == [1.0, 1.0, 2.0]
     assert [h.get("capped") for h in engine.search_history] == [2.0, 2.0, None]
+
+
+class ConstantLogits(torch.nn.Module):
+    """The same logits at every token: every token with the same label has the same loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor([0.5, -0.3, 0.2, 0.1]))
+
+    def forward(self, input_ids, labels=None):
+        return {"logits": self.bias.expand(*input_ids.shape, 4)}
+
+
+def token_normalised_loss(outputs, labels, num_items_in_batch=None):
+    """The sum of the token losses over the step's token count (causal LMs, SFT), or the mean without one."""
+    logits = outputs["logits"]
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return total / (labels.ne(-100).sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def test_the_cap_compares_losses_not_shares_of_the_step_tokens(tmp_path):
+    # issue 26: gradient accumulation 2, the search on the first micro-batch: 16 of the step's 18 tokens, then 2 of
+    # 18. With the weights fixed (lr 0) the per-token loss is the same at both searches, and so must the cap be.
+    valid = [16, 2, 2, 16]
+    data = Dataset.from_dict({"input_ids": [[0] * 16] * 4, "labels": [[1] * n + [-100] * (16 - n) for n in valid]})
+    args = XSAMTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=0.0, optim="sgd", lr_scheduler_type="constant", alpha_search_interval=1, rho=0.1,
+        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    model = ConstantLogits()
+    trainer = SequentialXSAMTrainer(
+        model=model, args=args, train_dataset=data, compute_loss_func=token_normalised_loss
+    )
+    trainer.train()
+    per_token = float(-torch.log_softmax(model.bias.detach(), 0)[1])
+    history = list(trainer.xsam.search_history)
+    assert [h["loss0"] for h in history] == pytest.approx([per_token, per_token], rel=1e-6)
+    first, second = (h.get("capped") for h in history)
+    assert first == second
+    assert trainer.xsam.first_search_loss == pytest.approx(per_token, rel=1e-6)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, math.nan, "0.05"])
