@@ -292,7 +292,8 @@ class XSAMTrainerMixin:
 
         ``xsam/passes`` and ``xsam/search_forwards`` are the forward-backward passes and the alpha search's forward
         passes per optimizer step (the base optimizer alone: one pass per micro-batch); the other figures average
-        over the sharpness-aware steps since the last log, and are absent when there was none.
+        over the sharpness-aware steps since the last log, and are absent when there was none;
+        ``xsam/sharpness_aware_steps`` counts those steps (the model card's mean alpha weighs each log by it).
         """
         if "loss" in logs and self._xsam_cost_steps > 0:
             engine_forwards = self.xsam.search_forwards if self.xsam is not None else 0
@@ -307,6 +308,7 @@ class XSAMTrainerMixin:
             nonfinite = totals["nonfinite"]
             finite = self._xsam_micro_batches - nonfinite
             logs["xsam/alpha"] = self._xsam_alpha_sum / self._xsam_steps
+            logs["xsam/sharpness_aware_steps"] = self._xsam_steps  # what the card's mean alpha weighs each log by
             logs["xsam/theta"] = math.degrees(totals["theta"] / max(finite, 1.0))
             logs["xsam/ascent_loss"] = totals["ascent_loss"] / self._xsam_steps
             logs["xsam/sharpness"] = totals["sharpness"] / self._xsam_steps

@@ -305,6 +305,17 @@ def test_the_logs_count_passes_and_search_forwards_per_step(tmp_path, settings, 
     assert [log["xsam/search_forwards"] for log in logs] == search_forwards
 
 
+def test_the_logs_count_the_sharpness_aware_steps_the_card_weighs_alpha_by(tmp_path):
+    trainer = train(tmp_path, logging_steps=2, sam_start_ratio=0.5, alpha_search_interval=1)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    # steps 0-2 plain, 3-5 sharpness-aware; logs after steps 2, 4 and 6
+    assert [log.get("xsam/sharpness_aware_steps") for log in logs] == [None, 1, 2]
+    alphas = [search["alpha"] for search in trainer.xsam.search_history]
+    assert [search["step"] for search in trainer.xsam.search_history] == [3, 4, 5]
+    text = xsam_section(trainer.args.xsam_settings, trainer.state.log_history, trainer.xsam.state_dict())
+    assert f"mean alpha over training: {sum(alphas) / 3:.3g};" in text
+
+
 def test_the_card_states_the_average_cost(tmp_path):
     trainer = train(tmp_path, logging_steps=3, sam_interval=2, alpha_search="coarse_to_fine")
     searched = trainer.xsam.search_forwards
