@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
@@ -50,6 +50,25 @@ logger = logging.getLogger(__name__)
 # non-finite and stalled micro-batches.
 STEP_TOTALS = ("theta", "ascent_loss", "sharpness", "nonfinite", "stalled")
 MEASURED_TOTALS = ("theta", "ascent_loss", "sharpness")
+
+
+class EpochLoop(TrainerCallback):
+    """The index of the Trainer's epoch loop, for the per-epoch alpha search.
+
+    ``state.epoch`` lags it on an epoch's first step where the data has no length (an iterable data set that runs
+    out): the Trainer counts that epoch's progress against ``max_steps``, so the step after the last of an epoch
+    still reads the previous one.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.epoch = None
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the first epoch of a run, or of a resumed one, is the one the state is in
+        self.epoch = math.floor(state.epoch or 0) if self.epoch is None else self.epoch + 1
 
 
 class XSAMTrainerMixin:
@@ -83,6 +102,8 @@ class XSAMTrainerMixin:
             self.model.add_model_tags(tags)
         self._xsam_extra_pass = False
         self._xsam_warned: set[str] = set()
+        self._xsam_epoch_loop = EpochLoop()
+        self.add_callback(self._xsam_epoch_loop)
         self._xsam_new_run()
 
     def _xsam_new_run(self) -> None:
@@ -245,7 +266,9 @@ class XSAMTrainerMixin:
                 forward_backward,
                 loss_only,
                 step=self.state.global_step,
-                epoch=math.floor(self.state.epoch or 0),
+                epoch=self._xsam_epoch_loop.epoch
+                if self._xsam_epoch_loop.epoch is not None
+                else math.floor(self.state.epoch or 0),
                 accumulate=not self.accelerator.sync_gradients,
                 mean_loss=mean_loss if num_items_in_batch is not None else None,
             )

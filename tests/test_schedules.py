@@ -142,6 +142,25 @@ def test_resume_in_either_phase_equals_the_uninterrupted_run(tmp_path, checkpoin
     assert [s["step"] for s in straight.xsam.search_history] == [3]
 
 
+class RunsOutEveryThreeSteps(torch.utils.data.IterableDataset):
+    """An iterable data set without a length: 3 batches of 4, then it runs out (the end of an epoch)."""
+
+    def __iter__(self):
+        data = make_data(n=N)
+        for i in range(N):
+            yield {key: value[i] for key, value in data.items()}
+
+
+def test_an_iterable_dataset_searches_on_the_first_step_of_each_epoch(tmp_path):
+    # issue 26: the Trainer's state.epoch lags the epoch loop on an epoch's first step without a length: 0, 4, 7
+    model = TinyClassifier()
+    trainer = SequentialXSAMTrainer(
+        model=model, args=args(tmp_path, max_steps=9), train_dataset=RunsOutEveryThreeSteps()
+    )
+    trainer.train()
+    assert [search["step"] for search in trainer.xsam.search_history] == [0, 3, 6]
+
+
 # --------------------------------------------------------------------------------------------------
 # reuse
 
