@@ -138,7 +138,8 @@ class XSAMConfig:
         default=EXTRAPOLATE_AFTER_DROP,
         metadata={
             "help": "The alpha search may go past SAM (alpha > 1) only where the loss at w0 on the search batch "
-            "lies this fraction below the first search's; above that a searched alpha past 1 is capped at 1. "
+            "lies this fraction below the first search's; above that a searched alpha past 1 is capped (the best "
+            "searched point at or below 1). "
             "With SGD an extrapolated alpha on the plateau at the start of training (every direction about as "
             "sharp, the arc's edge winning by a hair) can hold training at chance level (docs/method.md). 0 is "
             "the paper's rule exactly."
@@ -160,13 +161,16 @@ class XSAMConfig:
         metadata={
             "help": "On the plain steps between sharpness-aware ones (`sam_interval` > 1), add to the gradient the "
             "part of the last sharpness-aware direction orthogonal to that step's first gradient, rescaled to "
-            "the current gradient's norm times `sam_reuse_scale` (LookSAM's rule). One more parameter-sized "
-            "buffer, no extra pass."
+            "the current gradient's norm times `sam_reuse_scale` (LookSAM's rule), or less: never more, relative to "
+            "the gradient, than that step measured it. One more parameter-sized buffer, no extra pass."
         },
     )
     sam_reuse_scale: float = field(
         default=0.7,
-        metadata={"help": "With `sam_reuse`: the reused component's norm, as a multiple of the gradient's norm."},
+        metadata={
+            "help": "With `sam_reuse`: the largest norm of the reused component, as a multiple of the gradient's "
+            "norm (less where the sharpness-aware step measured a smaller orthogonal part)."
+        },
     )
     sam_perturbation: str = field(
         default="local",

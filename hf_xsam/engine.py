@@ -10,7 +10,8 @@ One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the X
 
 On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
 evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``). With
-``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped at 1 until the loss has fallen that fraction;
+``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped (the best searched point at or below 1) until
+the loss has fallen that fraction;
 with ``alpha_max=None`` (the default) the grid ends at 1 when the ``optimizer`` given is SGD, at 2 otherwise.
 
 Example:
@@ -59,7 +60,7 @@ from .geometry import (
     slerp_coefficients,
 )
 from .guards import RunningStatsGuard, replayed_random_state
-from .search import SEARCHES
+from .search import SEARCHES, best_index
 from .state import validate_state
 
 __all__ = ["XSAM", "XSAMStepStats", "check_one_device"]
@@ -191,6 +192,7 @@ class XSAM:
         # sam_reuse: the part of the last sharpness-aware direction orthogonal to its first gradient
         self._reused: dict[Tensor, Tensor] = {}
         self._reuse_fresh = True  # the next sharpness-aware micro-batch starts a new kept direction
+        self._reuse_micro_batches = 0  # the micro-batches summed into the kept direction (it keeps their mean)
         self._buffer_lists: dict[tuple[int, ...], list[Tensor]] = {}
         # whether a micro-batch of the current optimizer step was non-finite (OR over micro-batches)
         self._step_nonfinite: Tensor | None = None
@@ -319,6 +321,7 @@ class XSAM:
         step: int = 0,
         epoch: int = 0,
         accumulate: bool = False,
+        mean_loss: Callable[[], Tensor] | None = None,
     ) -> XSAMStepStats:
         """Run one XSAM step on one (micro-)batch and leave the direction in ``p.grad``.
 
@@ -337,6 +340,10 @@ class XSAM:
                 added to an internal buffer and ``p.grad`` is cleared. On the last micro-batch ``p.grad`` of every
                 parameter a micro-batch reached receives the sum of its directions and, in ``"local"`` mode, is
                 averaged across workers.
+            mean_loss: the loss at the current weights without gradient, as a mean over this micro-batch's own items
+                (default ``loss_only``). ``extrapolate_after_drop`` compares it from one search to the next: give it
+                where ``loss_only`` is a share of the optimizer step's items (a loss divided by the step's token
+                count under gradient accumulation), which changes with how the items fall over the micro-batches.
 
         Returns:
             :class:`XSAMStepStats` with the loss at ``w0``, the loss at the ascent point, the angle theta
@@ -357,7 +364,7 @@ class XSAM:
                 # a non-finite gradient in any pass makes the sum of the norms non-finite
                 nonfinite = ~torch.isfinite(ascent_norms + plane.grad_norm)
                 if loss_only is not None and self.search_due(step, epoch):
-                    self._search_alpha(loss_only, params, saved, grads, plane, nonfinite)
+                    self._search_alpha(loss_only, params, saved, grads, plane, nonfinite, mean_loss)
                     self.last_search_step, self.last_search_epoch = step, epoch
                     self.search_count += 1
                     self.search_history[-1]["step"] = step
@@ -426,24 +433,34 @@ class XSAM:
 
     def _keep_orthogonal_(self, owners: list[Tensor], direction: list[Tensor], first: list[Tensor]) -> None:
         """``sam_reuse``: add to the kept direction the part of this micro-batch's ``direction`` orthogonal to its
-        first gradient ``first`` (scratch: its pass is over); the first micro-batch of a step starts it anew."""
+        first gradient ``first``, divided by that gradient's norm (scratch: its pass is over); the first micro-batch
+        of a step starts it anew, and the last divides the sum by the number of micro-batches (:meth:`_accumulate`).
+        """
         if self._reuse_fresh and self._reused:
             torch._foreach_zero_(list(self._reused.values()))
+        if self._reuse_fresh:
+            self._reuse_micro_batches = 0
         self._reuse_fresh = False
+        self._reuse_micro_batches += 1
         first_norm = self._norm(first)
-        # first <- direction - <direction, first> / ||first||^2 first
+        # first <- (direction - <direction, first> / ||first||^2 first) / ||first||: the orthogonal part, measured
+        # against the gradient it was orthogonal to
         torch._foreach_mul_(first, -self._dot(direction, first) / (first_norm.square() + self.config.sam_eps))
         torch._foreach_add_(first, direction)
-        torch._foreach_add_(self._buffers(self._reused, owners), first)
+        add_scaled_(self._buffers(self._reused, owners), first, 1.0 / (first_norm + self.config.sam_eps))
 
     @torch.no_grad()
     def reuse_direction_(self) -> None:
-        """On a plain step, with ``sam_reuse``: ``g <- g + sam_reuse_scale ||g|| / ||d_perp|| d_perp`` in ``p.grad``.
+        """On a plain step, with ``sam_reuse``: ``g <- g + min(sam_reuse_scale, ||k||) ||g|| / ||k|| k`` in ``p.grad``.
 
-        ``d_perp`` is the part of the last sharpness-aware direction orthogonal to that step's first gradient
-        (LookSAM's rule, Liu et al., CVPR 2022). Before the first sharpness-aware step, and after one that was
-        skipped as non-finite, it is zero and the step stays plain. Call it once per optimizer step, after the
-        gradient is complete (accumulated and averaged over workers) and before clipping.
+        ``k = d_perp / ||g0||`` is the part of the last sharpness-aware direction ``d`` orthogonal to that step's first
+        gradient ``g0``, measured against ``g0`` (the mean over its micro-batches and workers). The reused part is
+        LookSAM's (Liu et al., CVPR 2022: ``sam_reuse_scale`` times the gradient's norm), but never larger, relative to
+        the gradient, than the sharpness-aware step measured it: where theta is tiny the orthogonal part is mostly
+        noise, and lifting it to ``0.7 ||g||`` for several steps can stall what the base optimizer trains
+        (docs/method.md, "Cheap schedules"). Before the first sharpness-aware step, and after one that was skipped as
+        non-finite, it is zero and the step stays plain. Call it once per optimizer step, after the gradient is
+        complete (accumulated and averaged over workers) and before clipping.
         """
         owners = [p for p in self.params if p.grad is not None]
         if not self._reused or not owners:
@@ -451,21 +468,34 @@ class XSAM:
         grads = self._gradients(owners)
         kept = self._buffers(self._reused, owners)
         grad_norm, kept_norm = self._norms(grads, kept)
-        addcmul_scaled_(grads, kept, self.config.sam_reuse_scale * grad_norm / (kept_norm + self.config.sam_eps))
+        size = torch.clamp(kept_norm, max=self.config.sam_reuse_scale)
+        addcmul_scaled_(grads, kept, size * grad_norm / (kept_norm + self.config.sam_eps))
 
-    def _cap_before_drop(self, grid: list[float], index: int, loss0: float, record: dict[str, Any]) -> int:
-        """``extrapolate_after_drop``: the grid index to keep, given the search's choice and its loss ``loss0`` at ``w0``.
+    def _cap_before_drop(
+        self, grid: list[float], index: int, loss0: float, seen: dict[int, float], record: dict[str, Any]
+    ) -> int | None:
+        """``extrapolate_after_drop``: the grid index to keep, given the search's choice ``index``, its loss ``loss0``
+        at ``w0`` and every loss it saw (``seen``); ``None`` keeps the current alpha.
 
-        While ``loss0`` is above ``1 - extrapolate_after_drop`` times the first search's (training has not left
-        its start), an alpha past 1 is capped at the grid point nearest 1 (SAM).
+        The first finite ``loss0`` is the reference (a non-finite one is not kept: the next search's is taken). While
+        ``loss0`` has not fallen ``extrapolate_after_drop`` times the reference's magnitude below it (a reference at
+        or below zero too: ``reference - f |reference|``), an alpha past 1 is capped: the search's choice among the
+        points it evaluated at or below 1 (the largest finite loss, the tie rule of :func:`~hf_xsam.search.best_index`).
         """
-        if self.first_search_loss is None:
+        if self.first_search_loss is None and math.isfinite(loss0):
             self.first_search_loss = loss0
-        threshold = (1 - self.config.extrapolate_after_drop) * self.first_search_loss
-        if grid[index] <= 1 or loss0 <= threshold or self.first_search_loss <= 0:
+        reference = self.first_search_loss
+        if grid[index] <= 1.0:
             return index
+        if reference is not None and loss0 <= reference - self.config.extrapolate_after_drop * abs(reference):
+            return index  # False for a NaN loss0: it caps
         record["capped"] = grid[index]
-        return min(range(len(grid)), key=lambda i: (abs(grid[i] - 1.0), grid[i]))
+        capped = best_index({i: loss for i, loss in seen.items() if grid[i] <= 1.0}, grid)
+        if capped is not None:
+            return capped
+        # no finite loss at or below 1: alpha stays, but not above 1
+        below_one = [i for i, alpha in enumerate(grid) if alpha <= 1.0]
+        return None if self.alpha <= 1.0 else below_one[-1]
 
     def _drop_late_gradients(self, owners: list[Tensor]) -> None:
         """Parameters without a gradient in the first pass get none from this micro-batch.
@@ -528,8 +558,9 @@ class XSAM:
             nonfinite = self._average_over_workers_(owners, kept, nonfinite)[1]
         if kept:
             self._reuse_fresh = True
-            # a skipped step leaves nothing to reuse: zero the kept direction (NaN * 0 is NaN, hence nan_to_num)
-            torch._foreach_mul_(kept, (~nonfinite).to(kept[0].dtype))
+            # the mean over the step's micro-batches; a skipped step leaves nothing to reuse: zero the kept
+            # direction (NaN * 0 is NaN, hence nan_to_num)
+            torch._foreach_mul_(kept, (~nonfinite).to(kept[0].dtype) / max(self._reuse_micro_batches, 1))
             for tensor in kept:
                 tensor.nan_to_num_(0.0, 0.0, 0.0)
         return nonfinite
@@ -586,6 +617,7 @@ class XSAM:
         grads: list[Tensor],
         plane: Plane,
         nonfinite: Tensor,
+        mean_loss: Callable[[], Tensor] | None = None,
     ) -> None:
         """Search the grid for the alpha whose point ``w0 + rho_max u(alpha)`` has the largest loss.
 
@@ -608,14 +640,16 @@ class XSAM:
         along_gradient = (self.config.search_radius * c1 / (plane.grad_norm + self.config.sam_eps)).tolist()
         with replayed_random_state(params[0].device) as replay:
 
-            def losses_at(points: Sequence[tuple[float, float]]) -> list[float]:
-                """The (worker-averaged) losses at ``w0 + a (w_k - w0) + b g_k`` for each ``(a, b)``."""
+            def losses_at(
+                points: Sequence[tuple[float, float]], loss_of: Callable[[], Tensor] = loss_only
+            ) -> list[float]:
+                """The (worker-averaged) losses ``loss_of`` at ``w0 + a (w_k - w0) + b g_k`` for each ``(a, b)``."""
                 losses = []
                 for along_d, along_g in points:
                     torch._foreach_copy_(params, saved)
                     torch._foreach_add_(params, displacement, alpha=along_d)
                     torch._foreach_add_(params, grads, alpha=along_g)
-                    losses.append(replay(loss_only).detach().float().reshape(()))
+                    losses.append(replay(loss_of).detach().float().reshape(()))
                     for module in self.fsdp_modules:
                         module.reshard()
                 losses_tensor = torch.stack(losses)
@@ -631,9 +665,10 @@ class XSAM:
             self.search_forwards += len(seen)
             record: dict[str, Any] = {}
             if self.config.extrapolate_after_drop > 0 and index is not None:
-                (record["loss0"],) = losses_at([(0.0, 0.0)])
+                # the loss at w0 in a form that compares across searches (mean_loss), under the search's random state
+                (record["loss0"],) = losses_at([(0.0, 0.0)], mean_loss or loss_only)
                 self.search_forwards += 1
-                index = self._cap_before_drop(grid, index, record["loss0"], record)
+                index = self._cap_before_drop(grid, index, record["loss0"], seen, record)
         torch._foreach_copy_(params, displacement)
         if index is not None:
             self.alpha = grid[index]

@@ -38,6 +38,8 @@ XSAM_CITATION = """@inproceedings{chen2026xsam,
 SECTION_START = "<!-- hf_xsam section start -->"
 SECTION_END = "<!-- hf_xsam section end -->"
 MAX_ROWS = 10
+# the trainer's figure: sharpness-aware optimizer steps since the last training log
+SAM_STEPS = "xsam/sharpness_aware_steps"
 
 
 def _fmt(value: Any) -> str:
@@ -73,6 +75,18 @@ def _step_weighted_mean(train_logs: Sequence[Mapping[str, Any]], key: str) -> fl
             total += steps * log[key]
             weight += steps
     return total / weight if weight else None
+
+
+def _mean_alpha(train_logs: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean alpha per sharpness-aware step: each log's alpha (its mean over the sharpness-aware steps it covers)
+    weighted by their number, ``xsam/sharpness_aware_steps``. Plain steps (``sam_start_ratio``, ``sam_interval``) take
+    no alpha and weigh nothing. Logs written before that figure was logged are weighted by the optimizer steps they
+    cover."""
+    if not all(SAM_STEPS in log for log in train_logs if "xsam/alpha" in log):
+        return _step_weighted_mean(train_logs, "xsam/alpha")
+    counted = [(log["xsam/alpha"], log[SAM_STEPS]) for log in train_logs if "xsam/alpha" in log]
+    weight = sum(steps for _, steps in counted)
+    return sum(alpha * steps for alpha, steps in counted) / weight if weight else None
 
 
 def _mean_cost(log_history: Sequence[Mapping[str, Any]]) -> tuple[float, float] | None:
@@ -134,7 +148,7 @@ def xsam_section(
         lines += ["### What XSAM did", ""]
     if engine_state and rule.searches_alpha:
         searches = engine_state.get("search_history", [])
-        mean_alpha = _step_weighted_mean(train_logs, "xsam/alpha")
+        mean_alpha = _mean_alpha(train_logs)
         lines.append(
             f"- Final alpha: {_fmt(engine_state['alpha'])}"
             + (f"; mean alpha over training: {mean_alpha:.3g}" if mean_alpha is not None else "")

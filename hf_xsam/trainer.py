@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
@@ -51,6 +51,25 @@ logger = logging.getLogger(__name__)
 # non-finite and stalled micro-batches.
 STEP_TOTALS = ("theta", "ascent_loss", "sharpness", "nonfinite", "stalled")
 MEASURED_TOTALS = ("theta", "ascent_loss", "sharpness")
+
+
+class EpochLoop(TrainerCallback):
+    """The index of the Trainer's epoch loop, for the per-epoch alpha search.
+
+    ``state.epoch`` lags it on an epoch's first step where the data has no length (an iterable data set that runs
+    out): the Trainer counts that epoch's progress against ``max_steps``, so the step after the last of an epoch
+    still reads the previous one.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.epoch = None
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the first epoch of a run, or of a resumed one, is the one the state is in
+        self.epoch = math.floor(state.epoch or 0) if self.epoch is None else self.epoch + 1
 
 
 class XSAMTrainerMixin:
@@ -84,6 +103,8 @@ class XSAMTrainerMixin:
             self.model.add_model_tags(tags)
         self._xsam_extra_pass = False
         self._xsam_warned: set[str] = set()
+        self._xsam_epoch_loop = EpochLoop()
+        self.add_callback(self._xsam_epoch_loop)
         self._xsam_new_run()
 
     def _xsam_new_run(self) -> None:
@@ -238,6 +259,11 @@ class XSAMTrainerMixin:
             with self.compute_loss_context_manager():
                 return self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
 
+        def mean_loss() -> torch.Tensor:
+            # without num_items_in_batch the loss is this micro-batch's own mean, not its share of the step's tokens
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, self._prepare_inputs(inputs))
+
         # Under DDP every pass runs without DDP's own all-reduce: the engine reduces what it needs itself.
         # FSDP keeps its reduce-scatter on every backward (the "global" perturbation).
         sync_context = contextlib.nullcontext() if self.is_fsdp_enabled else self.accelerator.no_sync(model)
@@ -246,8 +272,11 @@ class XSAMTrainerMixin:
                 forward_backward,
                 loss_only,
                 step=self.state.global_step,
-                epoch=math.floor(self.state.epoch or 0),
+                epoch=self._xsam_epoch_loop.epoch
+                if self._xsam_epoch_loop.epoch is not None
+                else math.floor(self.state.epoch or 0),
                 accumulate=not self.accelerator.sync_gradients,
+                mean_loss=mean_loss if num_items_in_batch is not None else None,
             )
         self._record_xsam_stats(stats)
         self._count_cost(passes=self.args.step_rule.passes(self.args.ascent_steps))
@@ -292,7 +321,8 @@ class XSAMTrainerMixin:
 
         ``xsam/passes`` and ``xsam/search_forwards`` are the forward-backward passes and the alpha search's forward
         passes per optimizer step (the base optimizer alone: one pass per micro-batch); the other figures average
-        over the sharpness-aware steps since the last log, and are absent when there was none.
+        over the sharpness-aware steps since the last log, and are absent when there was none;
+        ``xsam/sharpness_aware_steps`` counts those steps (the model card's mean alpha weighs each log by it).
         """
         if "loss" in logs and self._xsam_cost_steps > 0:
             engine_forwards = self.xsam.search_forwards if self.xsam is not None else 0
@@ -307,6 +337,7 @@ class XSAMTrainerMixin:
             nonfinite = totals["nonfinite"]
             finite = self._xsam_micro_batches - nonfinite
             logs["xsam/alpha"] = self._xsam_alpha_sum / self._xsam_steps
+            logs["xsam/sharpness_aware_steps"] = self._xsam_steps  # what the card's mean alpha weighs each log by
             logs["xsam/theta"] = math.degrees(totals["theta"] / max(finite, 1.0))
             logs["xsam/ascent_loss"] = totals["ascent_loss"] / self._xsam_steps
             logs["xsam/sharpness"] = totals["sharpness"] / self._xsam_steps

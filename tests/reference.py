@@ -41,8 +41,8 @@ def xsam_direction(
 ) -> tuple[torch.Tensor, float, list[float]]:
     """The XSAM update direction at ``w0``, the alpha used and the search losses (empty without search).
 
-    ``cap_at_one``: a searched alpha above 1 becomes the grid point nearest 1 (hf_xsam's ``extrapolate_after_drop``
-    before the loss has fallen enough).
+    ``cap_at_one``: a searched alpha above 1 becomes the grid point at or below 1 with the largest finite loss
+    (hf_xsam's ``extrapolate_after_drop`` before the loss has fallen enough).
     """
     w0 = w0.double()
     w = w0.clone()
@@ -61,7 +61,8 @@ def xsam_direction(
             losses = [float(loss(w0 + rho_max * slerp(v0, v1, theta, a))) for a in grid]
         alpha = grid[losses.index(max(losses))]
         if cap_at_one and alpha > 1:
-            alpha = min(grid, key=lambda a: (abs(a - 1.0), a))
+            at_most_one = [(loss, a) for loss, a in zip(losses, grid) if a <= 1 + 1e-9 and math.isfinite(loss)]
+            alpha = max(at_most_one)[1]
     return g_k.norm() * slerp(v0, v1, theta, alpha), alpha, losses
 
 
@@ -70,13 +71,15 @@ def sgd_step(w: torch.Tensor, direction: torch.Tensor, lr: float) -> torch.Tenso
 
 
 def orthogonal_part(direction: torch.Tensor, first_gradient: torch.Tensor) -> torch.Tensor:
-    """The part of a sharpness-aware direction orthogonal to its step's first gradient (what ``sam_reuse`` keeps)."""
+    """The part of a sharpness-aware direction orthogonal to its step's first gradient, divided by that gradient's
+    norm (what ``sam_reuse`` keeps: its norm is the orthogonal part's size relative to the gradient)."""
     g = first_gradient.double()
-    return direction - (direction @ g) / (g @ g) * g
+    return (direction - (direction @ g) / (g @ g) * g) / g.norm()
 
 
 def reused_direction(grad: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
-    """LookSAM's plain-step direction: ``g + scale ||g|| / ||kept|| kept`` (``g`` alone when nothing is kept)."""
+    """The plain-step direction: ``g + min(scale, ||kept||) ||g|| / ||kept|| kept`` (``g`` alone when nothing is
+    kept): LookSAM's ``scale ||g||``, but never more, relative to ``g``, than the orthogonal part measured."""
     if float(kept.norm()) == 0.0:
         return grad
-    return grad + scale * grad.norm() / kept.norm() * kept
+    return grad + min(scale, float(kept.norm())) * grad.norm() / kept.norm() * kept

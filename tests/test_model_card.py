@@ -54,6 +54,22 @@ def test_section_reports_settings_alpha_sharpness_and_citation():
     assert 'not "X-SAM"' in text
 
 
+def test_mean_alpha_averages_over_the_sharpness_aware_steps_only():
+    # issue 26: steps 1-6 plain (a late start), then four sharpness-aware steps with alphas 2, 0, 0, 0, one per log:
+    # the first log covered 7 optimizer steps, which gave a card's mean of (7 * 2) / 10 = 1.4 instead of 0.5
+    logs = [
+        {"step": s, "loss": 1.0, "xsam/alpha": a, "xsam/sharpness_aware_steps": 1, "xsam/sharpness": 0.1}
+        for s, a in zip(range(7, 11), [2.0, 0.0, 0.0, 0.0])
+    ]
+    text = xsam_section({"sam_method": "xsam"}, logs, {"alpha": 0.0, "search_history": []})
+    assert "mean alpha over training: 0.5;" in text
+    # sam_interval 2, one log per 4 steps: 2 sharpness-aware steps at alpha 2, then 2 at 0, then 1 at 0.5
+    counts = [{**log, "xsam/sharpness_aware_steps": n} for log, n in zip(logs, [2, 2, 1])]
+    counts = [{**log, "xsam/alpha": a} for log, a in zip(counts, [2.0, 0.0, 0.5])]
+    text = xsam_section({"sam_method": "xsam"}, counts, {"alpha": 0.5, "search_history": []})
+    assert "mean alpha over training: 0.9;" in text
+
+
 def test_section_keeps_at_most_ten_rows_including_the_last():
     logs = [{"step": s, "loss": 1.0, "xsam/alpha": 1.0, "xsam/sharpness": s / 100} for s in range(1, 101)]
     text = xsam_section({"sam_method": "xsam"}, logs)

@@ -9,9 +9,12 @@ import math
 
 import pytest
 import torch
+from datasets import Dataset
 
+from helpers import SequentialXSAMTrainer
 from hf_xsam import XSAM, XSAMConfig, XSAMTrainingArguments
 from hf_xsam.rules import STEP_RULES
+from hf_xsam.state import validate_state
 
 RHO = 0.1
 THETA = math.atan(10.0 * RHO)  # L(w) = w_x + 10 w_x w_y: 45 degrees between v0 and v1 at w0 = 0
@@ -105,6 +108,108 @@ def test_the_reference_loss_is_saved_with_the_state_and_restored():
     assert resumed.first_search_loss is None, "the next search becomes the reference"
     with pytest.raises(ValueError, match=r"first_search_loss is 'x'; it must be null or a finite number"):
         resumed.load_state_dict({**state, "first_search_loss": "x"})
+
+
+def arc_search(at_w0: list[float], arc, **settings) -> XSAM:
+    """One search per step on the two weights of ``plateau_problem``: the loss at w0 is ``at_w0[step]``, the loss at
+    the grid point alpha of the arc ``arc(alpha)`` (any grid step)."""
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    step = [0]
+
+    def forward_backward():
+        loss = w[0] + 10.0 * w[0] * w[1]
+        loss.backward()
+        return loss.detach()
+
+    def loss_only():
+        if float(w.norm()) < 1e-12:
+            return torch.tensor(at_w0[step[0]], dtype=torch.float64)
+        return torch.tensor(arc(math.atan2(float(w[1]), float(w[0])) / THETA), dtype=torch.float64)
+
+    engine = XSAM([w], rho=RHO, alpha_search_interval=1, **settings)
+    for step[0] in range(len(at_w0)):
+        w.grad = None
+        engine.step(forward_backward, loss_only, step=step[0])
+    return engine
+
+
+def rising(alpha: float) -> float:
+    return 2.448 + 0.003 * alpha / 2  # the issue's plateau arc: the grid's end wins
+
+
+@pytest.mark.parametrize("alpha_step, capped", [(0.15, 0.9), (0.35, 0.7), (0.6, 0.6), (0.25, 1.0)])
+def test_the_cap_takes_the_best_point_at_or_below_one_when_one_is_not_on_the_grid(alpha_step, capped):
+    # issue 26: the grid point nearest 1 was 1.05, 1.05 and 1.2 for the first three
+    engine = arc_search([2.303], rising, alpha_step=alpha_step)
+    assert engine.search_history[-1]["capped"] > 1
+    assert engine.alpha == pytest.approx(capped)
+
+
+def test_the_cap_never_takes_a_point_whose_loss_was_not_finite():
+    engine = arc_search([2.303], lambda alpha: math.nan if 0.95 < alpha < 1.05 else rising(alpha))
+    assert engine.search_history[-1]["capped"] == 2.0
+    assert engine.alpha == 0.9, "the best finite loss at or below 1 (the loss at 1 was NaN)"
+
+
+@pytest.mark.parametrize("first", [math.nan, math.inf])
+def test_a_nonfinite_first_loss_is_not_the_reference_the_next_finite_one_is(first):
+    # the loss at w0: non-finite, the start, 6.6% lower (training has started)
+    engine = arc_search([first, 2.303, 2.15], rising)
+    assert [h["alpha"] for h in engine.search_history] == [1.0, 1.0, 2.0]
+    assert engine.first_search_loss == pytest.approx(2.303)
+    assert validate_state(engine.state_dict())["first_search_loss"] == pytest.approx(2.303), (
+        "the checkpoint can be resumed"
+    )
+
+
+def test_a_negative_reference_caps_until_the_loss_has_fallen_by_the_fraction_of_its_magnitude():
+    # threshold -1 - 0.05 * |-1| = -1.05: -1.02 is still the start, -1.06 has fallen
+    engine = arc_search([-1.0, -1.02, -1.06], lambda alpha: rising(alpha) - 3.0)
+    assert [h["alpha"] for h in engine.search_history] == [1.0, 1.0, 2.0]
+    assert [h.get("capped") for h in engine.search_history] == [2.0, 2.0, None]
+
+
+class ConstantLogits(torch.nn.Module):
+    """The same logits at every token: every token with the same label has the same loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor([0.5, -0.3, 0.2, 0.1]))
+
+    def forward(self, input_ids, labels=None):
+        return {"logits": self.bias.expand(*input_ids.shape, 4)}
+
+
+def token_normalised_loss(outputs, labels, num_items_in_batch=None):
+    """The sum of the token losses over the step's token count (causal LMs, SFT), or the mean without one."""
+    logits = outputs["logits"]
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return total / (labels.ne(-100).sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def test_the_cap_compares_losses_not_shares_of_the_step_tokens(tmp_path):
+    # issue 26: gradient accumulation 2, the search on the first micro-batch: 16 of the step's 18 tokens, then 2 of
+    # 18. With the weights fixed (lr 0) the per-token loss is the same at both searches, and so must the cap be.
+    valid = [16, 2, 2, 16]
+    data = Dataset.from_dict({"input_ids": [[0] * 16] * 4, "labels": [[1] * n + [-100] * (16 - n) for n in valid]})
+    args = XSAMTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=0.0, optim="sgd", lr_scheduler_type="constant", alpha_search_interval=1, rho=0.1,
+        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    model = ConstantLogits()
+    trainer = SequentialXSAMTrainer(
+        model=model, args=args, train_dataset=data, compute_loss_func=token_normalised_loss
+    )
+    trainer.train()
+    per_token = float(-torch.log_softmax(model.bias.detach(), 0)[1])
+    history = list(trainer.xsam.search_history)
+    assert [h["loss0"] for h in history] == pytest.approx([per_token, per_token], rel=1e-6)
+    first, second = (h.get("capped") for h in history)
+    assert first == second
+    assert trainer.xsam.first_search_loss == pytest.approx(per_token, rel=1e-6)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, math.nan, "0.05"])

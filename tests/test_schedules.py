@@ -142,6 +142,25 @@ def test_resume_in_either_phase_equals_the_uninterrupted_run(tmp_path, checkpoin
     assert [s["step"] for s in straight.xsam.search_history] == [3]
 
 
+class RunsOutEveryThreeSteps(torch.utils.data.IterableDataset):
+    """An iterable data set without a length: 3 batches of 4, then it runs out (the end of an epoch)."""
+
+    def __iter__(self):
+        data = make_data(n=N)
+        for i in range(N):
+            yield {key: value[i] for key, value in data.items()}
+
+
+def test_an_iterable_dataset_searches_on_the_first_step_of_each_epoch(tmp_path):
+    # issue 26: the Trainer's state.epoch lags the epoch loop on an epoch's first step without a length: 0, 4, 7
+    model = TinyClassifier()
+    trainer = SequentialXSAMTrainer(
+        model=model, args=args(tmp_path, max_steps=9), train_dataset=RunsOutEveryThreeSteps()
+    )
+    trainer.train()
+    assert [search["step"] for search in trainer.xsam.search_history] == [0, 3, 6]
+
+
 # --------------------------------------------------------------------------------------------------
 # reuse
 
@@ -179,7 +198,8 @@ def test_reuse_on_the_plain_step_equals_the_looksam_formula_in_float64():
     forward_backward()  # the plain step's gradient, then the reuse
     engine.reuse_direction_()
     expected = reused_direction(gradient(loss_of, w.detach()), kept, 0.6)
-    torch.testing.assert_close(w.grad, expected, rtol=1e-12, atol=1e-12)
+    assert float(kept.norm()) < 0.6, "the orthogonal part measured is smaller than LookSAM's lift: the cap acts"
+    torch.testing.assert_close(w.grad, expected, rtol=1e-10, atol=1e-10)  # the eps of two normalisations
     assert engine.buffer_elements() == {"saved": 5, "accumulated": 0, "reused": 5}
 
 
@@ -215,6 +235,50 @@ def test_reuse_before_any_sharpness_aware_step_is_a_plain_step():
     plain = w.grad.clone()
     engine.reuse_direction_()
     assert torch.equal(w.grad, plain)
+
+
+def noisy_labels_run(reuse, steps=200, interval=4, rho=0.001):
+    """AdamW on a small MLP, 10 classes with 40% wrong labels, batches in order; with ``reuse`` every ``interval``-th
+    step is an XSAM step (alpha 1) and the others reuse its direction. Returns the loss on all the data at the end
+    and the mean theta (degrees)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 20, generator=generator)
+    y = (x @ torch.randn(20, 10, generator=generator)).argmax(1)
+    wrong = torch.rand(512, generator=generator) < 0.4
+    y = torch.where(wrong, torch.randint(0, 10, (512,), generator=generator), y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = XSAM(model.parameters(), rho=rho, sam_interval=interval, sam_reuse=True, alpha_search_interval=0)
+    thetas = []
+    for step in range(steps):
+        batch = slice((step * 32) % 512, (step * 32) % 512 + 32)
+
+        def forward_backward():
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            return loss.detach()
+
+        optimizer.zero_grad(set_to_none=True)
+        if reuse and step % interval == 0:
+            thetas.append(math.degrees(float(engine.step(forward_backward).theta)))
+        else:
+            forward_backward()
+            if reuse:
+                engine.reuse_direction_()
+        optimizer.step()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x), y)), sum(thetas) / max(len(thetas), 1)
+
+
+def test_reuse_of_a_tiny_orthogonal_part_trains_like_the_base_optimizer():
+    # issue 26: at theta ~ 0.01 degrees the orthogonal part is 1e-4 of the gradient; LookSAM's lift to 0.7 ||g||,
+    # reused for 3 steps, held the loss at 1.91 where AdamW reaches 1.36. Capped at what was measured, reuse may
+    # slow training, not stop it.
+    base, _ = noisy_labels_run(reuse=False)
+    reused, theta = noisy_labels_run(reuse=True)
+    assert theta < 0.1
+    assert base < 1.4 and reused == pytest.approx(base, abs=0.01)
 
 
 def test_after_a_resume_the_kept_direction_starts_empty(tmp_path):
@@ -258,6 +322,17 @@ def test_the_logs_count_passes_and_search_forwards_per_step(tmp_path, settings, 
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log["xsam/passes"] for log in logs] == passes
     assert [log["xsam/search_forwards"] for log in logs] == search_forwards
+
+
+def test_the_logs_count_the_sharpness_aware_steps_the_card_weighs_alpha_by(tmp_path):
+    trainer = train(tmp_path, logging_steps=2, sam_start_ratio=0.5, alpha_search_interval=1)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    # steps 0-2 plain, 3-5 sharpness-aware; logs after steps 2, 4 and 6
+    assert [log.get("xsam/sharpness_aware_steps") for log in logs] == [None, 1, 2]
+    alphas = [search["alpha"] for search in trainer.xsam.search_history]
+    assert [search["step"] for search in trainer.xsam.search_history] == [3, 4, 5]
+    text = xsam_section(trainer.args.xsam_settings, trainer.state.log_history, trainer.xsam.state_dict())
+    assert f"mean alpha over training: {sum(alphas) / 3:.3g};" in text
 
 
 def test_the_card_states_the_average_cost(tmp_path):

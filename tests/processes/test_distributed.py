@@ -99,7 +99,8 @@ def expected_weights(
             for m in range(accumulation):
                 loss = scaled(flat_loss(model, cat([micro[r][m] for r in range(WORLD)])), 1 / accumulation)
                 d, alpha, _ = xsam_direction(loss, w, rho=rho, alpha=alpha, search=search and m == 0)
-                direction, kept = direction + d, kept + orthogonal_part(d, gradient(loss, w))
+                # the kept direction: the mean over the micro-batches of their measured orthogonal parts
+                direction, kept = direction + d, kept + orthogonal_part(d, gradient(loss, w)) / accumulation
         else:  # each worker its own direction; search losses averaged over workers, then the directions
             if search:
                 arc = torch.tensor(
@@ -109,7 +110,7 @@ def expected_weights(
             directions = [xsam_direction(loss, w, rho=rho, alpha=alpha)[0] for rank in losses for loss in rank]
             direction = sum(directions) / WORLD
             firsts = [gradient(loss, w) for rank in losses for loss in rank]
-            kept = sum(orthogonal_part(d, g) for d, g in zip(directions, firsts)) / WORLD
+            kept = sum(orthogonal_part(d, g) for d, g in zip(directions, firsts)) / (WORLD * accumulation)
         w = w - LR * direction
     return w, alpha
 
