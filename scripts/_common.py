@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,13 +35,15 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_xsam import SaveOnInterruptCallback, TrainingInterrupted
 
 __all__ = [
     "UsageError",
     "RunError",
+    "Terminated",
     "HubUnavailable",
     "run",
     "start",
@@ -48,6 +52,7 @@ __all__ = [
     "from_hub",
     "setup_logging",
     "detect_last_checkpoint",
+    "newest_whole_checkpoint",
     "load_data",
     "pick_splits",
     "shared_tokenizer",
@@ -96,32 +101,109 @@ class HubUnavailable(RunError):
 def run(main: Callable[[], None]) -> None:
     """Run a script's ``main()``, ending a failure the user can fix with one line on stderr.
 
-    :class:`UsageError` exits with status 2, :class:`RunError` with 1, and Ctrl-C with 130, after the line that
-    names the checkpoint saved at the interrupted step (:class:`~hf_xsam.SaveOnInterruptCallback`) and how to
-    resume. Under ``torchrun`` or ``accelerate launch`` only the process of rank 0 prints; every process exits with
-    the same status. Any other exception keeps its traceback.
+    :class:`UsageError` exits with status 2, :class:`RunError` with 1, and Ctrl-C (SIGINT) or SIGTERM with 130 or 143,
+    after the line that names the checkpoint saved at the interrupted step (:class:`~hf_xsam.SaveOnInterruptCallback`)
+    and how to resume; outside training SIGTERM stops the script as Ctrl-C does. Under ``torchrun`` or
+    ``accelerate launch`` only the process of rank 0 prints, every process exits with the same status, and SIGTERM
+    keeps its own action. Writes to stdout and stderr never raise (:class:`_NeverRaises`): with ``| tee``, Ctrl-C
+    stops tee too, and the closed pipe must not prevent the checkpoint. Any other exception keeps its traceback.
     """
+    with _streams_that_never_raise(), _sigterm_raises():
+        try:
+            main()
+        except UsageError as err:
+            _refuse(str(err), status=2)
+        except RunError as err:
+            _refuse(str(err), status=1)
+        except TrainingInterrupted as err:
+            _stop(
+                f"{_STOPPED_BY[err.signum]} at step {err.step}; saved the checkpoint {err.checkpoint}. Resume with "
+                f"--resume_from_checkpoint {err.checkpoint}, or run the same command again: it resumes from the newest "
+                "checkpoint in --output_dir",
+                status=128 + err.signum,
+            )
+        except KeyboardInterrupt as err:
+            signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+            _stop(f"{_STOPPED_BY[signum]}; nothing saved since the last checkpoint", status=128 + signum)
+
+
+_STOPPED_BY = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises ``KeyboardInterrupt`` (see :func:`run`)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in a single process, in the main thread, unless it is ignored."""
+    if (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        main()
-    except UsageError as err:
-        _refuse(str(err), status=2)
-    except RunError as err:
-        _refuse(str(err), status=1)
-    except TrainingInterrupted as err:
-        _stop(
-            f"interrupted at step {err.step}; saved the checkpoint {err.checkpoint}. Resume with "
-            f"--resume_from_checkpoint {err.checkpoint}, or run the same command again: it resumes from the newest "
-            "checkpoint in --output_dir",
-            status=130,
-        )
-    except KeyboardInterrupt:
-        _stop("interrupted; nothing saved since the last checkpoint", status=130)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _NeverRaises:
+    """A text stream whose writes never raise: after the first failure (the reader of the pipe is gone) the file
+    descriptor is pointed at /dev/null, so every other writer holding the stream (logging, progress bars) goes on
+    too, and so does the flush at exit."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor: dropping is enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _streams_that_never_raise() -> Iterator[None]:
+    found = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _NeverRaises(sys.stdout), _NeverRaises(sys.stderr)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # a closed pipe found now, not by the flush at exit (status 120)
+            stream.flush()
+        sys.stdout, sys.stderr = found
 
 
 def _say(message: str) -> None:
-    """Print ``<script>: message`` as one line on stderr, from the process of rank 0 only."""
+    """Print ``<script>: message`` as one line on stderr, from the process of rank 0 only; a closed stderr does not
+    raise."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"{os.path.basename(sys.argv[0])}: {' '.join(message.split())}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print(f"{os.path.basename(sys.argv[0])}: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def _refuse(message: str, status: int) -> NoReturn:
@@ -330,18 +412,40 @@ def setup_logging(training_args: TrainingArguments, script_logger: logging.Logge
 
 
 def detect_last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the newest one in ``--output_dir``."""
+    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the newest whole one in ``--output_dir``.
+
+    A checkpoint without ``trainer_state.json`` (the Trainer writes it last) is incomplete, its save cut short (a
+    kill, a full disk); it is skipped with a one-line warning.
+    """
     if training_args.resume_from_checkpoint is not None:
         return training_args.resume_from_checkpoint
     if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
         return None
-    last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    last_checkpoint = newest_whole_checkpoint(training_args.output_dir)
     if last_checkpoint is not None:
         logger.info(
             f"Checkpoint detected, resuming training at {last_checkpoint}. To train afresh, pass another "
             "`--output_dir`."
         )
     return last_checkpoint
+
+
+def newest_whole_checkpoint(output_dir: str) -> str | None:
+    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step that holds ``trainer_state.json``;
+    each newer one that does not is named in a warning."""
+    steps = {}
+    for name in os.listdir(output_dir):
+        found = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if found and os.path.isdir(os.path.join(output_dir, name)):
+            steps[int(found[1])] = os.path.join(output_dir, name)
+    for step in sorted(steps, reverse=True):
+        if os.path.isfile(os.path.join(steps[step], TRAINER_STATE_NAME)):
+            return steps[step]
+        _say(
+            f"warning: skipping {steps[step]}: it is incomplete (no {TRAINER_STATE_NAME}; its save was cut short). "
+            "Delete it once you no longer need it."
+        )
+    return None
 
 
 def load_data(
