@@ -31,7 +31,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["CONFIGS", "TARGET_CLASSES", "draw_splits", "run_name", "summarize_run", "choose", "report", "main"]
+__all__ = [
+    "CONFIGS",
+    "TARGET_CLASSES",
+    "draw_splits",
+    "run_name",
+    "summarize_run",
+    "read_record",
+    "choose",
+    "report",
+    "main",
+]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
 # CIFAR-10's labels 5..9, the classes a checkpoint pretrained on labels 0..4 has not seen
@@ -140,6 +150,7 @@ def summarize_run(log_history: list[dict], results: dict) -> dict:
     val = [entry["eval_accuracy"] for entry in evals]
     best = max(range(len(val)), key=val.__getitem__) if val else None
     passes = [entry["xsam/passes"] for entry in trains if "xsam/passes" in entry]
+    sharpness = [entry["xsam/sharpness"] for entry in trains if "xsam/sharpness" in entry]
     searches = [entry.get("xsam/search_forwards", 0.0) for entry in trains if "xsam/passes" in entry]
     alphas = [entry["xsam/alpha"] for entry in trains if "xsam/alpha" in entry]
     return {
@@ -149,6 +160,7 @@ def summarize_run(log_history: list[dict], results: dict) -> dict:
         "val_best_epoch": best + 1 if val else None,
         "train_loss": [entry["loss"] for entry in trains],
         "alpha": alphas,
+        "sharpness": sharpness,
         "passes_per_step": statistics.fmean(passes) if passes else 1.0,
         "search_forwards_per_step": statistics.fmean(searches) if searches else 0.0,
         "test_accuracy": results["predict_accuracy"],
@@ -157,10 +169,26 @@ def summarize_run(log_history: list[dict], results: dict) -> dict:
 
 
 def run_one(setting: dict, splits: dict[str, Path], model: str, extra: list[str], out: Path) -> dict:
-    """Fine-tune once (or read the finished run's record) and return the run's record."""
+    """Fine-tune once, unless the run is recorded, and return its record: the setting and the wall time (what the
+    tool measures itself) with what :func:`summarize_run` reads from the run's files."""
     record_path = out / "study_run.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
+    if not record_path.exists():
+        wall = _fine_tune(setting, splits, model, extra, out)
+        record_path.write_text(json.dumps({**setting, "wall_s": wall}, indent=1))
+    return read_record(out)
+
+
+def read_record(out: Path) -> dict:
+    """The record of the finished run in ``out``."""
+    record_path, model_dir = out / "study_run.json", out / "model"
+    state = json.loads((model_dir / "trainer_state.json").read_text())
+    results = json.loads((model_dir / "all_results.json").read_text())
+    record = {**json.loads(record_path.read_text()), **summarize_run(state["log_history"], results)}
+    return {**record, "steps": state["global_step"]}
+
+
+def _fine_tune(setting: dict, splits: dict[str, Path], model: str, extra: list[str], out: Path) -> float:
+    """Run the script for ``setting`` into ``out/model`` (the weights are deleted after); returns the wall time."""
     out.mkdir(parents=True, exist_ok=True)
     flags = [
         "--model_name_or_path",
@@ -188,15 +216,9 @@ def run_one(setting: dict, splits: dict[str, Path], model: str, extra: list[str]
         subprocess.run(
             [sys.executable, str(SCRIPT), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    wall = time.time() - start
-    model_dir = out / "model"
-    state = json.loads((model_dir / "trainer_state.json").read_text())
-    results = json.loads((model_dir / "all_results.json").read_text())
-    record = {**setting, **summarize_run(state["log_history"], results), "wall_s": wall, "steps": state["global_step"]}
-    for heavy in model_dir.glob("*.safetensors"):
+    for heavy in (out / "model").glob("*.safetensors"):
         heavy.unlink()  # the study keeps the numbers, not the weights
-    record_path.write_text(json.dumps(record, indent=1))
-    return record
+    return time.time() - start
 
 
 def _mean(values: list[float]) -> float:
@@ -274,6 +296,25 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
                 f"{cost / base_cost if base_cost else float('nan'):.2f}x | "
                 f"{_mean([run['wall_s'] for run in group]):.0f} |"
             )
+    lines += ["", "## What the chosen settings did in training (means over the seeds)", ""]
+    lines += ["| images per class | configuration | final train loss | best − final val acc | sharpness, first → "
+              "last epoch | alpha, mean (range) |"]  # fmt: skip
+    lines += ["| --- | --- | --- | --- | --- | --- |"]
+    for size in sizes:
+        for config in configs:
+            key = choose(runs, size, config)
+            if key is None:
+                continue
+            group = groups[(size, config, *key)]
+            gap = _mean([run["val_best"] - run["val_final"] for run in group])
+            sharp = [run["sharpness"] for run in group if run.get("sharpness")]
+            sharpness = f"{_mean([s[0] for s in sharp]):.3f} → {_mean([s[-1] for s in sharp]):.3f}" if sharp else ""
+            alphas = [alpha for run in group for alpha in run.get("alpha", [])]
+            alpha = f"{_mean(alphas):.2f} ({min(alphas):g} to {max(alphas):g})" if alphas else ""
+            lines.append(
+                f"| {size} | {config} | {_mean([run['train_loss'][-1] for run in group]):.3f} | {gap:.3f} | "
+                f"{sharpness} | {alpha} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -290,19 +331,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="AdamW's learning rates")
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
+    parser.add_argument("--report_only", action="store_true", help="write the report of the finished runs, train none")
     args, extra = parser.parse_known_args(argv)
     extra = [flag for flag in extra if flag != "--"]
     configs = ["adamw", *(c for c in args.configs if c != "adamw")]
 
-    splits = {
-        (size, seed): draw_splits(
-            args.data_dir, size, args.val_per_class, seed, args.output_dir / "data" / f"n{size}-seed{seed}"
-        )
-        for size in args.sizes
-        for seed in args.seeds
-    }
     # runs of earlier invocations in the same --output_dir count too (another size, more rhos)
-    runs = [json.loads(path.read_text()) for path in sorted(args.output_dir.glob("*/study_run.json"))]
+    runs = {path.parent.name: read_record(path.parent) for path in sorted(args.output_dir.glob("*/study_run.json"))}
 
     def execute(settings: list[dict]) -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -317,19 +352,28 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for setting in settings
             ]
-            for future in futures:
-                record = future.result()
-                if record not in runs:
-                    runs.append(record)
+            for setting, future in zip(settings, futures):
+                runs[run_name(**setting)] = future.result()
                 write()
 
     def write() -> None:
-        (args.output_dir / f"{args.name}.json").write_text(json.dumps(runs, indent=1))
+        (args.output_dir / f"{args.name}.json").write_text(json.dumps(list(runs.values()), indent=1))
         (args.output_dir / f"{args.name}.md").write_text(
             f"`{' '.join(['python', 'benchmarks/transfer_study.py', *(argv or sys.argv[1:])])}`\n\n"
-            + report(runs, sorted({run["size"] for run in runs}), configs)
+            + report(list(runs.values()), sorted({run["size"] for run in runs.values()}), configs)
         )
 
+    if args.report_only:
+        write()
+        print((args.output_dir / f"{args.name}.md").read_text())
+        return
+    splits = {
+        (size, seed): draw_splits(
+            args.data_dir, size, args.val_per_class, seed, args.output_dir / "data" / f"n{size}-seed{seed}"
+        )
+        for size in args.sizes
+        for seed in args.seeds
+    }
     # AdamW's learning rate first, then rho at that learning rate for each sharpness-aware configuration
     execute(
         [
@@ -341,7 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     execute(
         [
-            {"size": size, "config": config, "lr": choose(runs, size, "adamw")[0], "rho": rho, "seed": seed}
+            {
+                "size": size,
+                "config": config,
+                "lr": choose(list(runs.values()), size, "adamw")[0],
+                "rho": rho,
+                "seed": seed,
+            }
             for size in args.sizes
             for rho in args.rhos
             for config in configs[1:]
@@ -349,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     write()
-    print(report(runs, sorted({run["size"] for run in runs}), configs))
+    print((args.output_dir / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
