@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
-from .distributed import all_reduce_mean_
+from .distributed import all_reduce_mean_, forget_unsynchronised_use_
 from .engine import XSAM, XSAMStepStats, check_one_device
 from .model_card import add_xsam_section
 from .resume import has_full_weights, load_model_weights
@@ -247,6 +247,8 @@ class XSAMTrainerMixin:
         self._count_cost(passes=self.args.step_rule.passes(self.args.ascent_steps))
         if self.accelerator.sync_gradients:
             self._xsam_skip = stats.skip
+            # the step's passes, all under no_sync, must not count as uses in the next synchronised backward
+            forget_unsynchronised_use_(model)
         return stats.loss
 
     # ----------------------------------------------------------------------------------------------
