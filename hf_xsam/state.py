@@ -114,7 +114,11 @@ def validate_state(state: Any, global_step: int | None = None, epoch: float | No
     first_loss = state.get("first_search_loss")  # extrapolate_after_drop's reference; absent in older files
     if first_loss is not None and not _finite(first_loss):
         raise ValueError(f"first_search_loss is {first_loss!r}; it must be null or a finite number")
+    settings = state.get("settings")  # the run's XSAM settings and max_steps; absent in older files
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ValueError(f"settings is {type(settings).__name__}; it must be null or an object")
     return {
+        "settings": None if settings is None else dict(settings),
         "alpha": float(alpha),
         "last_search_step": last_step,
         "last_search_epoch": last_epoch,
