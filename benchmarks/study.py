@@ -127,6 +127,8 @@ TASKS = {
 }
 # what every run needs for the curves, after the task's and the user's flags
 STUDY_FLAGS = [
+    "--overwrite_output_dir",  # each run trains afresh into its folder, which holds its log.txt
+    "true",
     "--eval_strategy",
     "epoch",
     "--logging_strategy",

@@ -95,6 +95,8 @@ STUDY_DEFAULTS = [
 ]
 # what every run needs for the curves and the best checkpoint, after the defaults and the user's flags
 STUDY_FLAGS = [
+    "--overwrite_output_dir",  # each run trains afresh into its folder, which holds its log.txt
+    "true",
     "--do_train",
     "--do_eval",
     "--do_predict",

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["all_reduce_mean_", "BUCKET_BYTES"]
+__all__ = ["all_reduce_mean_", "forget_unsynchronised_use_", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 32 * 2**20
 
@@ -51,3 +52,18 @@ def all_reduce_mean_(tensors: list[Tensor], bucket_bytes: int = BUCKET_BYTES) ->
         torch._foreach_copy_(
             bucket, [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in bucket]), bucket)]
         )
+
+
+def forget_unsynchronised_use_(model: nn.Module) -> None:
+    """Make DDP forget which parameters the backward passes run under ``no_sync`` used, once their step is done.
+
+    With ``find_unused_parameters``, DDP's reducer marks every parameter a backward pass reaches, also under
+    ``no_sync`` (so that gradients accumulated there are all-reduced later), and clears the marks only at the end of
+    the next synchronised backward. A sharpness-aware step runs all its passes under ``no_sync``; after its optimizer
+    step the gradients are set to None, and a parameter it used that the next synchronised backward does not reach
+    is then "used" with no gradient: the reducer raises "Encountered gradient which is undefined, but still
+    allreduced". The reset clears the marks (a host-side fill, no communication, no device sync); with
+    ``find_unused_parameters`` off, or a static graph, the reducer keeps no such marks and the model is left alone.
+    """
+    if isinstance(model, DistributedDataParallel) and model.find_unused_parameters and not model.static_graph:
+        model.reducer._reset_state()

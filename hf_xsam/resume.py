@@ -27,7 +27,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-__all__ = ["has_full_weights", "load_model_weights"]
+from .state import ResumeError
+
+__all__ = ["ResumeError", "has_full_weights", "load_model_weights"]
 
 _PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
 
@@ -47,13 +49,14 @@ def load_model_weights(model: PreTrainedModel, folder: str) -> None:
     holds a second copy of the weights on the CPU while it runs.
 
     Raises:
-        ValueError: the checkpoint does not load into this model, or leaves tensors missing or unused.
+        ResumeError: (a ``ValueError``) the checkpoint does not load into this model, or leaves tensors missing or
+            unused.
     """
     name = type(model).__name__
     try:
         loaded, info = type(model).from_pretrained(folder, config=model.config, output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"Cannot resume from {folder}: its weights do not load into {name}: {error}") from error
+        raise ResumeError(f"Cannot resume from {folder}: its weights do not load into {name}: {error}") from error
     problems = {kind: sorted(info.get(kind) or ()) for kind in _PROBLEMS if info.get(kind)}
     if problems:
         details = "; ".join(
@@ -61,5 +64,5 @@ def load_model_weights(model: PreTrainedModel, folder: str) -> None:
             + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             for kind, keys in problems.items()
         )
-        raise ValueError(f"Cannot resume from {folder}: the checkpoint does not match {name} ({details})")
+        raise ResumeError(f"Cannot resume from {folder}: the checkpoint does not match {name} ({details})")
     model.load_state_dict(loaded.state_dict(), strict=True)

@@ -27,9 +27,13 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["STATE_NAME", "validate_state", "read_state_file", "write_state_file"]
+__all__ = ["STATE_NAME", "ResumeError", "validate_state", "read_state_file", "write_state_file"]
 
 STATE_NAME = "xsam_state.json"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed from: a damaged state file, or the weights of another model."""
 
 
 def _count(value: Any) -> bool:
@@ -114,7 +118,11 @@ def validate_state(state: Any, global_step: int | None = None, epoch: float | No
     first_loss = state.get("first_search_loss")  # extrapolate_after_drop's reference; absent in older files
     if first_loss is not None and not _finite(first_loss):
         raise ValueError(f"first_search_loss is {first_loss!r}; it must be null or a finite number")
+    settings = state.get("settings")  # the run's XSAM settings and max_steps; absent in older files
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ValueError(f"settings is {type(settings).__name__}; it must be null or an object")
     return {
+        "settings": None if settings is None else dict(settings),
         "alpha": float(alpha),
         "last_search_step": last_step,
         "last_search_epoch": last_epoch,
@@ -132,14 +140,14 @@ def read_state_file(folder: str, global_step: int | None = None, epoch: float | 
             state = json.load(f)
         return validate_state(state, global_step, epoch)
     except OSError as error:  # a directory in its place, no permission
-        raise ValueError(f"{path} cannot be read: {error.strerror}. Resume from another checkpoint") from None
+        raise ResumeError(f"{path} cannot be read: {error.strerror}. Resume from another checkpoint") from None
     except RecursionError:
-        raise ValueError(
+        raise ResumeError(
             f"{path} is damaged: its JSON is nested too deeply to be a state file. Resume from another checkpoint, "
             "or delete the file to start the XSAM schedule afresh"
         ) from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(
+        raise ResumeError(
             f"{path} is damaged: {error}. Resume from another checkpoint, or delete the file to "
             "start the XSAM schedule afresh"
         ) from None

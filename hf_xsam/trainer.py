@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallba
 
 from .arguments import XSAMSeq2SeqTrainingArguments, XSAMTrainingArguments
 from .config import XSAMConfig
-from .distributed import all_reduce_mean_
+from .distributed import all_reduce_mean_, forget_unsynchronised_use_
 from .engine import XSAM, XSAMStepStats, check_one_device
 from .model_card import add_xsam_section
 from .resume import has_full_weights, load_model_weights
@@ -282,6 +283,8 @@ class XSAMTrainerMixin:
         self._count_cost(passes=self.args.step_rule.passes(self.args.ascent_steps))
         if self.accelerator.sync_gradients:
             self._xsam_skip = stats.skip
+            # the step's passes, all under no_sync, must not count as uses in the next synchronised backward
+            forget_unsynchronised_use_(model)
         return stats.loss
 
     # ----------------------------------------------------------------------------------------------
@@ -392,7 +395,7 @@ class XSAMTrainerMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         state = self.xsam.state_dict() if self.xsam is not None else self._xsam_pending_state
         if self.args.should_save and state is not None:
-            write_state_file(output_dir, state)
+            write_state_file(output_dir, {**state, "settings": self._xsam_settings()})
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -400,6 +403,9 @@ class XSAMTrainerMixin:
             return
         if os.path.lexists(os.path.join(checkpoint, STATE_NAME)):
             self._xsam_pending_state = read_state_file(checkpoint, self.state.global_step, self.state.epoch)
+            if self._xsam_pending_state["settings"] is not None and self.is_world_process_zero():
+                for note in self._xsam_changed_settings(self._xsam_pending_state["settings"]):
+                    logger.warning(f"Resuming with other XSAM settings: {note}")
         elif self.args.step_rule.sharpness_aware:
             # every sharpness-aware run saves it (the engine exists from the first step): it was lost, or the
             # checkpoint is of a run with sam_method="none"
@@ -407,6 +413,32 @@ class XSAMTrainerMixin:
                 f"{checkpoint} has no {STATE_NAME}: the XSAM schedule starts afresh, with alpha "
                 f"{self.args.initial_alpha:g}" + (" until a new search" if self.args.searches_alpha else "")
             )
+
+    def _xsam_settings(self) -> dict[str, Any]:
+        """What a checkpoint records of the run: every XSAM setting, and ``max_steps`` (where the late start falls)."""
+        settings = {field.name: getattr(self.args, field.name) for field in dataclasses.fields(XSAMConfig)}
+        return {**settings, "max_steps": self.state.max_steps}
+
+    def _xsam_changed_settings(self, saved: dict[str, Any]) -> list[str]:
+        """One line per XSAM setting that differs from the checkpoint's run, with both values; and where the
+        sharpness-aware steps now start, when ``sam_start_ratio`` or ``max_steps`` moved that step."""
+        current = self._xsam_settings()
+        notes = [
+            f"{name} was {saved[name]!r} in the checkpoint's run, is {value!r} now"
+            for name, value in current.items()
+            if name != "max_steps" and name in saved and saved[name] != value
+        ]
+        before, after = saved.get("sam_start_ratio"), self.args.sam_start_ratio
+        old_steps, new_steps = saved.get("max_steps"), current["max_steps"]
+        if isinstance(before, (int, float)) and isinstance(old_steps, int) and (before or after):
+            old_start = math.ceil(before * old_steps)
+            new_start = self.args.sam_start_step(new_steps)
+            if old_start != new_start:
+                notes.append(
+                    f"the sharpness-aware steps start at step {new_start} (sam_start_ratio {after:g} of {new_steps} "
+                    f"steps), not at step {old_start} ({before:g} of {old_steps} steps) as in the checkpoint's run"
+                )
+        return notes
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The Trainer's resume, but the weights go through the model's key conversion, all or an error."""

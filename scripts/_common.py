@@ -17,7 +17,8 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +28,7 @@ from datasets import DatasetDict, load_dataset
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     HfArgumentParser,
     PreTrainedModel,
@@ -37,13 +39,16 @@ from transformers import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import CONFIG_NAME
 
 from hf_xsam import SaveOnInterruptCallback, TrainingInterrupted
+from hf_xsam.resume import ResumeError
 
 __all__ = [
     "UsageError",
     "RunError",
     "Terminated",
+    "OutputDirArguments",
     "HubUnavailable",
     "run",
     "start",
@@ -53,6 +58,7 @@ __all__ = [
     "setup_logging",
     "detect_last_checkpoint",
     "newest_whole_checkpoint",
+    "check_checkpoint",
     "load_data",
     "pick_splits",
     "shared_tokenizer",
@@ -96,6 +102,20 @@ class RunError(RuntimeError):
 
 class HubUnavailable(RunError):
     """Something to load from the Hub that cannot be had."""
+
+
+@dataclass
+class OutputDirArguments:
+    """What to do with an ``--output_dir`` that already holds something (the transformers examples' flag, which
+    transformers 5 dropped from ``TrainingArguments``)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into --output_dir even when it holds files but no checkpoint to resume (an earlier run's "
+            "model and card are then replaced), and train afresh rather than resume from a checkpoint there."
+        },
+    )
 
 
 def run(main: Callable[[], None]) -> None:
@@ -281,21 +301,28 @@ def start(
     embedded_defaults: dict[str, Any],
     script_logger: logging.Logger,
     run_flags: Sequence[str] = ("do_train", "do_eval"),
+    models: tuple[Mapping[Any, Any], str] | None = None,
 ) -> tuple[Any, ...]:
-    """Steps 1 to 4 of a script: parse (:func:`parse_arguments`), check that ``--output_dir`` can be written and that
-    ``--resume_from_checkpoint`` is there, set up logging, find the checkpoint to resume from, seed.
+    """Steps 1 to 4 of a script: parse (:func:`parse_arguments`), check that ``--output_dir`` can be written, set up
+    logging, find the checkpoint to resume from (:func:`detect_last_checkpoint`) and check it
+    (:func:`check_checkpoint`, with ``models``: the configs the script trains and what it calls them), seed.
 
     Returns the parsed dataclasses followed by the checkpoint to resume from (or None).
     """
     parsed = parse_arguments(parser, data_and_model_options, embedded_defaults, run_flags=run_flags)
     training_args = next(each for each in parsed if isinstance(each, TrainingArguments))
+    overwrite = any(each.overwrite_output_dir for each in parsed if isinstance(each, OutputDirArguments))
     check_output_dir(training_args.output_dir)
+    if training_args.do_train and os.path.isdir(training_args.output_dir) and not overwrite:
+        _checkpoint_to_resume(training_args.output_dir)  # refuse before any log line
     resume = training_args.resume_from_checkpoint
-    if resume is not None and not os.path.isdir(resume):
-        raise UsageError(f"--resume_from_checkpoint {resume!r} is not a folder (a checkpoint-<step> folder)")
+    if resume is not None:
+        check_checkpoint(resume, "--resume_from_checkpoint", models)
     setup_logging(training_args, script_logger)
     script_logger.info(f"Training/evaluation parameters {training_args}")
-    last_checkpoint = detect_last_checkpoint(training_args)
+    last_checkpoint = detect_last_checkpoint(training_args, overwrite)
+    if last_checkpoint is not None and resume is None:
+        check_checkpoint(last_checkpoint, "the newest checkpoint in --output_dir,", models)
     set_seed(training_args.seed)
     return (*parsed, last_checkpoint)
 
@@ -411,23 +438,68 @@ def setup_logging(training_args: TrainingArguments, script_logger: logging.Logge
     )
 
 
-def detect_last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the newest whole one in ``--output_dir``.
+def detect_last_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
+    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the newest one in ``--output_dir`` (none
+    with ``overwrite_output_dir``).
 
-    A checkpoint without ``trainer_state.json`` (the Trainer writes it last) is incomplete, its save cut short (a
-    kill, a full disk); it is skipped with a one-line warning.
+    As in the transformers examples, a run that trains refuses (:class:`UsageError`) an ``--output_dir`` that holds
+    files but no checkpoint, an earlier run's model that it would replace, unless ``overwrite_output_dir``.
     """
+    output_dir = training_args.output_dir
+    if not (training_args.do_train and os.path.isdir(output_dir)) or overwrite_output_dir:
+        return training_args.resume_from_checkpoint
+    last_checkpoint = _checkpoint_to_resume(output_dir)
     if training_args.resume_from_checkpoint is not None:
         return training_args.resume_from_checkpoint
-    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
-        return None
-    last_checkpoint = newest_whole_checkpoint(training_args.output_dir)
     if last_checkpoint is not None:
         logger.info(
             f"Checkpoint detected, resuming training at {last_checkpoint}. To train afresh, pass another "
-            "`--output_dir`."
+            "`--output_dir` or `--overwrite_output_dir`."
         )
     return last_checkpoint
+
+
+def _checkpoint_to_resume(output_dir: str) -> str | None:
+    """The newest whole checkpoint in ``output_dir``; :class:`UsageError` if there is none but there are other
+    files."""
+    last_checkpoint = newest_whole_checkpoint(output_dir)
+    if last_checkpoint is None and os.listdir(output_dir):
+        raise UsageError(
+            f"--output_dir {output_dir!r} already holds files (an earlier run's model?) and no checkpoint to resume; "
+            "training would replace them. Pass --overwrite_output_dir to train into it anyway, or another --output_dir"
+        )
+    return last_checkpoint
+
+
+def check_checkpoint(folder: str, what: str, models: tuple[Mapping[Any, Any], str] | None = None) -> None:
+    """Check, before any model is built, that ``folder`` (named in messages as ``what``) is a checkpoint the
+    Trainer saved: a folder with ``trainer_state.json`` and model weights, and, with ``models`` (a mapping keyed
+    by config classes, such as ``MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING``, and what the script trains), a model
+    of one of those kinds. Raises :class:`UsageError` naming what is missing or found.
+    """
+    if not os.path.isdir(folder):
+        raise UsageError(f"{what} {folder!r} is not a folder (a checkpoint-<step> folder)")
+    names = os.listdir(folder)
+    if TRAINER_STATE_NAME not in names:
+        raise UsageError(
+            f"{what} {folder!r} is not a checkpoint: it has no {TRAINER_STATE_NAME} (pass a checkpoint-<step> "
+            "folder that a run saved)"
+        )
+    # model.safetensors and its index, pytorch_model.bin, FSDP's pytorch_model_fsdp_0, PEFT's adapter_model.*
+    if not any(name.startswith(("model", "pytorch_model", "adapter_model")) for name in names):
+        raise UsageError(f"{what} {folder!r} holds no model weights: it is not a whole checkpoint")
+    if models is None or CONFIG_NAME not in names:
+        return
+    mapping, kind = models
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{what} {folder!r}: its {CONFIG_NAME} cannot be read ({err})") from err
+    if type(config) not in mapping:
+        raise UsageError(
+            f"{what} {folder!r} holds a {config.model_type!r} model "
+            f"({', '.join(config.architectures or ['unknown'])}); this script trains {kind}"
+        )
 
 
 def newest_whole_checkpoint(output_dir: str) -> str | None:
@@ -545,7 +617,10 @@ def train_and_save(
 ) -> None:
     """Train (resuming from ``last_checkpoint``), save the model and its processor, the train metrics (with
     ``extra_metrics``) and the trainer state."""
-    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    except ResumeError as err:  # the engine's or the loader's message: the weights of another model, a damaged file
+        raise UsageError(str(err)) from err
     save_model(trainer)
     record_metrics(trainer, "train", {**train_result.metrics, **(extra_metrics or {})}, num_samples)
     trainer.save_state()

@@ -48,6 +48,7 @@ from transformers import (
 )
 
 from _common import (
+    OutputDirArguments,
     UsageError,
     build_trainer,
     built_from_config,
@@ -355,9 +356,14 @@ def model_from_config(model_args: ModelArguments, id2label: dict[int, str]) -> t
 
 def main() -> None:
     # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMTrainingArguments))
-    model_args, data_args, training_args, last_checkpoint = start(
-        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger, run_flags=RUN_FLAGS
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMTrainingArguments, OutputDirArguments))
+    model_args, data_args, training_args, _, last_checkpoint = start(
+        parser,
+        DATA_AND_MODEL_OPTIONS,
+        EMBEDDED_DEFAULTS,
+        logger,
+        run_flags=RUN_FLAGS,
+        models=(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, "image classification models (ViT, ResNet)"),
     )
 
     # 5. Data

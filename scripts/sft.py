@@ -32,6 +32,7 @@ from datasets import Dataset, DatasetDict
 from num2words import num2words
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
@@ -45,6 +46,7 @@ from trl import ModelConfig, get_peft_config
 from trl.data_utils import is_conversational
 
 from _common import (
+    OutputDirArguments,
     UsageError,
     build_trainer,
     built_from_config,
@@ -243,9 +245,13 @@ def exact_match(
 
 def main() -> None:
     # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSFTConfig))
-    model_args, data_args, training_args, last_checkpoint = start(
-        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSFTConfig, OutputDirArguments))
+    model_args, data_args, training_args, _, last_checkpoint = start(
+        parser,
+        DATA_AND_MODEL_OPTIONS,
+        EMBEDDED_DEFAULTS,
+        logger,
+        models=(MODEL_FOR_CAUSAL_LM_MAPPING, "causal language models"),
     )
 
     # 5. Data

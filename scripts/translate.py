@@ -50,6 +50,7 @@ from transformers import (
 )
 
 from _common import (
+    OutputDirArguments,
     UsageError,
     build_trainer,
     built_from_config,
@@ -321,9 +322,16 @@ def set_language_codes(
 
 def main() -> None:
     # 1-4. Parse, check the output folder, logging, the checkpoint to resume from, seed
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, XSAMSeq2SeqTrainingArguments))
-    model_args, data_args, training_args, last_checkpoint = start(
-        parser, DATA_AND_MODEL_OPTIONS, EMBEDDED_DEFAULTS, logger, run_flags=RUN_FLAGS
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, XSAMSeq2SeqTrainingArguments, OutputDirArguments)
+    )
+    model_args, data_args, training_args, _, last_checkpoint = start(
+        parser,
+        DATA_AND_MODEL_OPTIONS,
+        EMBEDDED_DEFAULTS,
+        logger,
+        run_flags=RUN_FLAGS,
+        models=(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, "encoder-decoder models (Marian, T5, BART, NLLB)"),
     )
 
     # 5. Data

@@ -272,6 +272,38 @@ def test_changed_settings_on_resume_are_logged_once(checkpoint, tmp_path, caplog
     assert len(notes) == 1 and "0.7" in notes[0] and "sam_method='sam'" in notes[0]
 
 
+def test_every_changed_xsam_setting_is_logged_once_with_both_values(checkpoint, tmp_path, caplog):
+    changed = dict(rho=0.2, sam_interval=2, sam_reuse=True, alpha_search="coarse_to_fine", sam_perturbation="global")
+    with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
+        resume(checkpoint, tmp_path, **changed)
+    notes = [r.message for r in caplog.records if "Resuming with other XSAM settings" in r.message]
+    # the checkpoint's run: rho 0.1 and the defaults
+    before = dict(rho=0.1, sam_interval=1, sam_reuse=False, alpha_search="grid", sam_perturbation="local")
+    for name, value in changed.items():
+        lines = [note for note in notes if f" {name} was " in note]
+        assert len(lines) == 1, (name, notes)
+        assert f"{name} was {before[name]!r}" in lines[0] and f"is {value!r} now" in lines[0]
+    assert len(notes) == len(changed), notes
+
+
+def test_resuming_with_more_steps_says_where_the_late_start_moves(tmp_path, caplog):
+    args = args_for(tmp_path / "run", max_steps=4, save_steps=3, optim="sgd", sam_start_ratio=0.5)
+    XSAMTrainer(model=TinyClassifier(), args=args, train_dataset=as_dataset(make_data(n=8))).train()
+    longer = args_for(tmp_path / "longer", max_steps=8, save_strategy="no", optim="sgd", sam_start_ratio=0.5)
+    trainer = XSAMTrainer(model=TinyClassifier(), args=longer, train_dataset=as_dataset(make_data(n=8)))
+    with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    notes = [r.message for r in caplog.records if "Resuming with other XSAM settings" in r.message]
+    # ceil(0.5 * 4) = 2 in the checkpoint's run, ceil(0.5 * 8) = 4 now; no setting changed
+    assert len(notes) == 1 and "start at step 4" in notes[0] and "not at step 2" in notes[0], notes
+
+
+def test_resume_with_the_same_settings_logs_no_change(checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
+        resume(checkpoint, tmp_path)
+    assert not [r.message for r in caplog.records if "Resuming with other XSAM settings" in r.message]
+
+
 def test_resume_with_the_same_settings_continues_the_schedule(checkpoint, tmp_path):
     saved = read_state_file(str(checkpoint))
     trainer = resume(checkpoint, tmp_path)

@@ -745,3 +745,21 @@ def test_default_output_folders_of_the_embedded_runs_are_ignored_by_git(script):
     folder = script.EMBEDDED_DEFAULTS["output_dir"]
     result = subprocess.run(["git", "check-ignore", "-q", f"{folder}/README.md"], cwd=root)
     assert result.returncode == 0, f"{folder}/ is not in .gitignore"
+
+
+def test_overwrite_output_dir_trains_afresh_into_a_folder_that_would_be_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    args = SimpleNamespace(output_dir=str(out), do_train=True, resume_from_checkpoint=None)
+    assert _common.detect_last_checkpoint(args) == str(out / "checkpoint-3")  # resumed by default
+    assert _common.detect_last_checkpoint(args, overwrite_output_dir=True) is None
+    (out / "checkpoint-3").rmdir()
+    (out / "model.safetensors").write_text("")
+    with pytest.raises(_common.UsageError, match="Pass --overwrite_output_dir to train into it anyway"):
+        _common.detect_last_checkpoint(args)
+    assert _common.detect_last_checkpoint(args, overwrite_output_dir=True) is None
+    # the flag is parsed with the scripts' other arguments
+    parser = HfArgumentParser((*translate_parser().dataclass_types, _common.OutputDirArguments))
+    parsed = _common.parse_arguments(parser, translate.DATA_AND_MODEL_OPTIONS, translate.EMBEDDED_DEFAULTS,
+                                     argv=["--output_dir", str(out), "--overwrite_output_dir"])  # fmt: skip
+    assert parsed[-1].overwrite_output_dir

@@ -45,6 +45,12 @@ ROUTED_CASES = {
     "routed_global": dict(alpha_search_interval=2, sam_perturbation="global"),
     "routed_none": dict(sam_method="none"),
 }
+# sam_interval=2: step 1 is plain (synchronised) and rank 1 does not reach head b there, which it used on the
+# sharpness-aware step 0 (all under no_sync)
+INTERVAL_CASES = {
+    f"routed_interval_{mode}": dict(sam_interval=2, alpha=1.3, alpha_search_interval=0, sam_perturbation=mode)
+    for mode in ("local", "global")
+}
 # all-reduce calls per step without a search or a log: the engine's against the plain Trainer's
 COUNTED = dict(max_steps=4, logging_steps=1000, alpha_search_interval=0, rho=0.3)
 COUNTED_CASES = {"count_local": {}, "count_none": dict(sam_method="none")}
@@ -169,7 +175,7 @@ def main(out: Path) -> None:
             "weights": bad.weights,
             "nonfinite": [e["xsam/nonfinite"] for e in bad.state.log_history if "xsam/nonfinite" in e],
         }
-    for name, settings in ROUTED_CASES.items():
+    for name, settings in {**ROUTED_CASES, **INTERVAL_CASES}.items():
         trainer = run(out / name, model_class=RoutedClassifier, data=routed_data(ROUTES), **ROUTED, **settings)
         results[name] = {
             "weights": flat(trainer.model),

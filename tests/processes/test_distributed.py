@@ -185,6 +185,19 @@ def test_ddp_with_a_head_one_rank_does_not_use(ranks, mode):
     assert case[0]["graded"] == case[1]["graded"] == plain[0]
 
 
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_ddp_with_sam_interval_and_a_head_unused_on_the_next_plain_step(ranks, mode):
+    """A head used on a sharpness-aware step (its passes under no_sync) and not reached on the plain step after it:
+    DDP must not all-reduce an undefined gradient for it. The ranks stay equal and match the reference."""
+    case = ranks[0][f"routed_interval_{mode}"], ranks[1][f"routed_interval_{mode}"]
+    seen = [case[r]["seen"] for r in range(WORLD)]
+    assert not any((batch["x"][:, 0] < 0).any() for batch in seen[1][2:4]), "rank 1 must not reach head b on step 1"
+    expected, _ = expected_weights(seen, mode, 2, 3, set(), interval=2, alpha=1.3, model_class=RoutedClassifier)
+    assert torch.equal(case[0]["weights"], case[1]["weights"])
+    for r in range(WORLD):
+        torch.testing.assert_close(case[r]["weights"], expected, rtol=1e-9, atol=1e-10)
+
+
 def test_the_engine_adds_one_all_reduce_per_step_in_local_mode(ranks):
     def per_step(counts):
         return [b - a for a, b in zip([0, *counts], counts)]

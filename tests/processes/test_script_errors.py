@@ -13,9 +13,9 @@ SCRIPTS = Path(__file__).resolve().parent.parent.parent / "scripts"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def launch(script, *args, launcher=(sys.executable,)):
+def launch(script, *args, launcher=(sys.executable,), cwd=None):
     command = [*launcher, str(SCRIPTS / script), *map(str, args)]
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def one_line_refusal(result, script):
@@ -42,6 +42,74 @@ def test_a_missing_checkpoint_to_resume_from_is_one_line(tmp_path):
         line
         == f"translate.py: error: --resume_from_checkpoint '{tmp_path / 'nope'}' is not a folder (a checkpoint-<step> folder)"
     )
+
+
+def vit_checkpoint(folder, hidden_size):
+    """A checkpoint as the Trainer saves one (weights, config, trainer state) of a tiny ViT with 10 labels."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.trainer_callback import TrainerState
+
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=hidden_size, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(folder)
+    TrainerState(global_step=1, max_steps=2).save_to_json(str(folder / "trainer_state.json"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "files, problem",
+    [
+        (["notes.txt"], "is not a checkpoint: it has no trainer_state.json"),
+        (["trainer_state.json", "optimizer.pt"], "holds no model weights"),
+    ],
+)
+def test_a_folder_that_is_not_a_checkpoint_is_one_line_before_any_model(tmp_path, files, problem):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text("{}")
+    result = launch("translate.py", "--output_dir", tmp_path / "out", "--resume_from_checkpoint", folder)
+    line = one_line_refusal(result, "translate.py")  # before logging, data and model: nothing on stdout
+    assert line.startswith(f"translate.py: error: --resume_from_checkpoint '{folder}' {problem}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_kind_of_model_is_one_line_naming_it(tmp_path):
+    checkpoint = vit_checkpoint(tmp_path / "checkpoint-1", hidden_size=16)
+    result = launch("translate.py", "--output_dir", tmp_path / "out", "--resume_from_checkpoint", checkpoint)
+    line = one_line_refusal(result, "translate.py")
+    assert line == (
+        f"translate.py: error: --resume_from_checkpoint '{checkpoint}' holds a 'vit' model "
+        "(ViTForImageClassification); this script trains encoder-decoder models (Marian, T5, BART, NLLB)"
+    )
+
+
+def test_a_checkpoint_of_another_model_is_one_line_with_the_loaders_message(tmp_path):
+    from helpers import TINY_VIT
+
+    checkpoint = vit_checkpoint(tmp_path / "checkpoint-1", hidden_size=8)  # the run's ViT has hidden_size 16
+    result = launch("classify_images.py", "--output_dir", tmp_path / "out", "--resume_from_checkpoint", checkpoint,
+                    *TINY_VIT, "--max_steps", 2, "--report_to", "none", "--use_cpu")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"classify_images.py: error: Cannot resume from {checkpoint}: ")
+    assert "ViTForImageClassification" in last and "'loss'" not in result.stdout
+
+
+@pytest.mark.parametrize("script, folder", [("classify_images.py", "xsam-vit-digits"),
+                                            ("translate.py", "xsam-marian-numbers-en-fr")])  # fmt: skip
+def test_a_second_run_into_the_default_folder_says_how_to_overwrite_it(tmp_path, script, folder):
+    # what the first, finished run left there: a model and its card, no checkpoint (save_strategy "no")
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "README.md").write_text("the full run's card")
+    line = one_line_refusal(launch(script, cwd=tmp_path), script)
+    assert line == (
+        f"{script}: error: --output_dir '{folder}' already holds files (an earlier run's model?) and no checkpoint "
+        "to resume; training would replace them. Pass --overwrite_output_dir to train into it anyway, or another "
+        "--output_dir"
+    )
+    assert (tmp_path / folder / "README.md").read_text() == "the full run's card"
 
 
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
