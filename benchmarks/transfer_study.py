@@ -98,6 +98,7 @@ FINE_TUNE_FLAGS = [
     "epoch",
     "--report_to",
     "none",
+    "--overwrite_output_dir",  # a run cut short is run again from the start
 ]
 
 
