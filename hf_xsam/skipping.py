@@ -24,8 +24,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-__all__ = ["step_unless", "guard_optimizer_step"]
+__all__ = ["nonfinite", "step_unless", "guard_optimizer_step"]
+
+
+def nonfinite(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: whether any of ``tensors`` holds an inf or a NaN (no host sync).
+
+    >>> nonfinite([torch.ones(2), torch.tensor([1.0, float("inf")])]).item(), nonfinite([]).item()
+    (True, False)
+    """
+    if not tensors:
+        return torch.tensor(False)
+    # a sharded (FSDP2) gradient's norm is a DTensor: its full value is the same on every worker
+    norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in torch._foreach_norm(tensors)]
+    return ~torch.isfinite(torch.stack([norm.float() for norm in norms])).all()
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor, step: Callable[[], Any]) -> Any:

@@ -38,7 +38,7 @@ from .distributed import all_reduce_mean_, forget_unsynchronised_use_
 from .engine import XSAM, XSAMStepStats, check_one_device
 from .model_card import add_xsam_section
 from .resume import has_full_weights, load_model_weights
-from .skipping import guard_optimizer_step
+from .skipping import guard_optimizer_step, nonfinite
 from .state import STATE_NAME, read_state_file, write_state_file
 from .summary import describe_run
 
@@ -126,6 +126,8 @@ class XSAMTrainerMixin:
         self._xsam_search_forwards_logged = 0
         # set on the last micro-batch of an XSAM step: whether its optimizer step must be skipped
         self._xsam_skip: torch.Tensor | None = None
+        # plain steps (sam_start_ratio, sam_interval) skipped as non-finite since the last log: a tensor, no host sync
+        self._xsam_plain_skipped: torch.Tensor | int = 0
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; every run builds its engine for the model it trains and starts a new schedule."""
@@ -243,8 +245,12 @@ class XSAMTrainerMixin:
         if not self.args.sharpness_aware_step(self.state.global_step, self.state.max_steps):
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._count_cost(passes=1)
-            if self.args.sam_reuse and self.accelerator.sync_gradients:
-                engine.reuse_direction_()
+            if self.accelerator.sync_gradients:
+                if self.args.sam_reuse:
+                    engine.reuse_direction_()
+                if self.accelerator.scaler is None:  # a non-finite plain step is skipped as a sharpness-aware one is
+                    self._xsam_skip = nonfinite([p.grad for p in model.parameters() if p.grad is not None])
+                    self._xsam_plain_skipped = self._xsam_plain_skipped + self._xsam_skip
             return loss
         parent_training_step = super().training_step
         # entered after the first pass, closed after the step: every later pass is an extra one
@@ -362,6 +368,16 @@ class XSAMTrainerMixin:
             self._xsam_micro_batches = 0
             self._xsam_steps = 0
             self._xsam_alpha_sum = 0.0
+        if "loss" in logs and isinstance(self._xsam_plain_skipped, torch.Tensor):
+            skipped = int(self._xsam_plain_skipped.item())
+            self._xsam_plain_skipped = 0
+            logs["xsam/nonfinite"] = logs.get("xsam/nonfinite", 0.0) + skipped
+            if skipped:
+                self._warn_once(
+                    "nonfinite-plain",
+                    "XSAM: a plain step (sam_start_ratio / sam_interval) had a non-finite gradient; it was skipped "
+                    "(weights and optimizer state untouched). `xsam/nonfinite` counts it.",
+                )
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------

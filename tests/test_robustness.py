@@ -109,6 +109,34 @@ def test_nonfinite_pass_without_scaler_skips_the_step(tmp_path, caplog, optim, d
     assert sum("non-finite gradient" in r.message for r in caplog.records) == 1
 
 
+class InfOnStep1(SequentialXSAMTrainer):
+    """Makes every loss of optimizer step 1 infinite."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("inf") if self.state.global_step == 1 else loss
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch", "sgd"])
+@pytest.mark.parametrize(
+    "schedule", [dict(sam_interval=2), dict(sam_start_ratio=0.5), dict(sam_interval=2, sam_reuse=True)]
+)
+def test_nonfinite_plain_step_of_a_cheap_schedule_is_skipped(tmp_path, caplog, optim, schedule):
+    """Step 1 is a plain step (the Trainer's own pass): skipped as a sharpness-aware step would be, where the plain
+    Trainer would step with a NaN gradient."""
+    model, snapshots = TinyClassifier(dtype=torch.float32), Snapshots()
+    args = args_for(tmp_path, max_steps=4, optim=optim, **schedule)
+    trainer = InfOnStep1(model=model, args=args, train_dataset=as_dataset(make_data(n=N)), callbacks=[snapshots])
+    with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
+        trainer.train()
+    assert not args.sharpness_aware_step(1, 4)
+    (weights_before, state_before), (weights_after, state_after) = snapshots.begin[1], snapshots.end[1]
+    assert torch.equal(weights_after, weights_before) and same_state(state_after, state_before)
+    assert not torch.equal(snapshots.end[2][0], weights_after) and torch.isfinite(flat(model)).all()
+    assert [e["xsam/nonfinite"] for e in trainer.state.log_history if "xsam/nonfinite" in e][:3] == [0, 1, 0]
+    assert sum("plain step" in r.message and "non-finite" in r.message for r in caplog.records) == 1
+
+
 def test_fused_skip_makes_no_host_sync(tmp_path, monkeypatch):
     """The guarded optimizer step reads no tensor back (the engine's own step is checked in test_engine)."""
 
