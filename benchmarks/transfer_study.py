@@ -31,14 +31,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from selection import choose, groups, mean, mean_std, relative_cost, run_name
+
 __all__ = [
     "CONFIGS",
     "TARGET_CLASSES",
     "draw_splits",
-    "run_name",
     "summarize_run",
     "read_record",
-    "choose",
     "report",
     "main",
 ]
@@ -139,11 +139,6 @@ def draw_splits(data_dir: Path, per_class: int, val_per_class: int, seed: int, f
     return paths
 
 
-def run_name(size: int, config: str, lr: float, rho: float | None, seed: int) -> str:
-    rho_part = "" if rho is None else f"-rho{rho:g}"
-    return f"n{size}-{config}-lr{lr:g}{rho_part}-seed{seed}"
-
-
 def summarize_run(log_history: list[dict], results: dict) -> dict:
     """Curves and costs of one run from its ``trainer_state.json`` log and ``all_results.json``."""
     evals = [entry for entry in log_history if "eval_accuracy" in entry]
@@ -222,46 +217,17 @@ def _fine_tune(setting: dict, splits: dict[str, Path], model: str, extra: list[s
     return time.time() - start
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values)
-
-
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{_mean(values):.{digits}f} ± {std:.{digits}f}"
-
-
-def _groups(runs: list[dict]) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for run in sorted(runs, key=lambda r: (r["size"], r["config"], r["lr"], r["rho"] or 0, r["seed"])):
-        groups.setdefault((run["size"], run["config"], run["lr"], run["rho"]), []).append(run)
-    return groups
-
-
-def choose(runs: list[dict], size: int, config: str) -> tuple[float, float | None] | None:
-    """The (lr, rho) of ``config`` at ``size`` with the highest mean final validation accuracy, or None."""
-    candidates = {(lr, rho): group for (s, c, lr, rho), group in _groups(runs).items() if s == size and c == config}
-    if not candidates:
-        return None
-    return max(candidates, key=lambda key: _mean([run["val_final"] for run in candidates[key]]))
-
-
-def _relative_cost(run: dict) -> float:
-    # a forward-backward pass counts 3 (a forward and a backward of twice its cost), a search forward 1
-    return (3 * run["passes_per_step"] + run["search_forwards_per_step"]) / 3
-
-
 def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
     """The markdown report: every setting's validation accuracy, then the chosen settings on the test set."""
     lines = ["## Validation accuracy of every setting (the choices are made here)", ""]
     lines += ["| images per class | configuration | lr | rho | seeds | final val acc | best val acc (epoch) |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
-    for (size, config, lr, rho), group in _groups(runs).items():
+    for (size, config, lr, rho), group in groups(runs).items():
         epochs = ", ".join(str(run["val_best_epoch"]) for run in group)
         lines.append(
             f"| {size} | {config} | {lr:g} | {'' if rho is None else f'{rho:g}'} | {len(group)} | "
-            f"{_mean_std([run['val_final'] for run in group])} | "
-            f"{_mean_std([run['val_best'] for run in group])} ({epochs}) |"
+            f"{mean_std([run['val_final'] for run in group])} | "
+            f"{mean_std([run['val_best'] for run in group])} ({epochs}) |"
         )
     lines += ["", "## Test accuracy of the chosen settings", ""]
     lines += [
@@ -269,33 +235,35 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
         "passes/step | cost vs AdamW | wall s |"
     ]
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    groups = _groups(runs)
+    by_setting = groups(runs)
     for size in sizes:
         baseline_key = choose(runs, size, "adamw")
-        baseline = {run["seed"]: run for run in groups.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
-        base_cost = _mean([_relative_cost(run) for run in baseline.values()]) if baseline else None
+        baseline = (
+            {run["seed"]: run for run in by_setting.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
+        )
+        base_cost = mean([relative_cost(run) for run in baseline.values()]) if baseline else None
         for config in configs:
             key = choose(runs, size, config)
             if key is None:
                 continue
-            group = groups[(size, config, *key)]
+            group = by_setting[(size, config, *key)]
             diffs = [
                 run["test_accuracy"] - baseline[run["seed"]]["test_accuracy"]
                 for run in group
                 if run["seed"] in baseline
             ]
             diff = (
-                f"{_mean(diffs):+.3f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
+                f"{mean(diffs):+.3f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
                 if diffs and config != "adamw"
                 else ""
             )
-            cost = _mean([_relative_cost(run) for run in group])
+            cost = mean([relative_cost(run) for run in group])
             lines.append(
                 f"| {size} | {config} | {key[0]:g} | {'' if key[1] is None else f'{key[1]:g}'} | {len(group)} | "
-                f"{_mean_std([run['test_accuracy'] for run in group])} | {diff} | "
-                f"{_mean([run['passes_per_step'] for run in group]):.2f} | "
+                f"{mean_std([run['test_accuracy'] for run in group])} | {diff} | "
+                f"{mean([run['passes_per_step'] for run in group]):.2f} | "
                 f"{cost / base_cost if base_cost else float('nan'):.2f}x | "
-                f"{_mean([run['wall_s'] for run in group]):.0f} |"
+                f"{mean([run['wall_s'] for run in group]):.0f} |"
             )
     lines += ["", "## What the chosen settings did in training (means over the seeds)", ""]
     lines += ["| images per class | configuration | final train loss | best − final val acc | sharpness, first → "
@@ -306,14 +274,14 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
             key = choose(runs, size, config)
             if key is None:
                 continue
-            group = groups[(size, config, *key)]
-            gap = _mean([run["val_best"] - run["val_final"] for run in group])
+            group = by_setting[(size, config, *key)]
+            gap = mean([run["val_best"] - run["val_final"] for run in group])
             sharp = [run["sharpness"] for run in group if run.get("sharpness")]
-            sharpness = f"{_mean([s[0] for s in sharp]):.3f} → {_mean([s[-1] for s in sharp]):.3f}" if sharp else ""
+            sharpness = f"{mean([s[0] for s in sharp]):.3f} → {mean([s[-1] for s in sharp]):.3f}" if sharp else ""
             alphas = [alpha for run in group for alpha in run.get("alpha", [])]
-            alpha = f"{_mean(alphas):.2f} ({min(alphas):g} to {max(alphas):g})" if alphas else ""
+            alpha = f"{mean(alphas):.2f} ({min(alphas):g} to {max(alphas):g})" if alphas else ""
             lines.append(
-                f"| {size} | {config} | {_mean([run['train_loss'][-1] for run in group]):.3f} | {gap:.3f} | "
+                f"| {size} | {config} | {mean([run['train_loss'][-1] for run in group]):.3f} | {gap:.3f} | "
                 f"{sharpness} | {alpha} |"
             )
     return "\n".join(lines) + "\n"

@@ -43,8 +43,8 @@ from pathlib import Path
 
 from num2words import num2words
 
+from selection import choose, groups, mean, mean_std, relative_cost, run_name
 from transfer_study import CONFIGS as TRANSFER_CONFIGS
-from transfer_study import _groups, _mean, _mean_std, _relative_cost, choose, run_name
 
 __all__ = ["CONFIGS", "TEST_SEED", "draw_numbers", "draw_splits", "summarize_run", "report", "main"]
 
@@ -220,11 +220,11 @@ def report(runs: list[dict], sizes: list[int], configs: list[str], pretrained: d
     lines = ["## Validation BLEU of every setting (the choices are made here)", ""]
     lines += ["| training pairs | configuration | lr | rho | seeds | val BLEU | val chrF |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
-    groups = _groups(runs)
-    for (size, config, lr, rho), group in groups.items():
+    by_setting = groups(runs)
+    for (size, config, lr, rho), group in by_setting.items():
         lines.append(
             f"| {size} | {config} | {lr:g} | {'' if rho is None else f'{rho:g}'} | {len(group)} | "
-            f"{_mean_std([run['val_final'] for run in group], 2)} | {_mean_std([run['val_chrf'] for run in group], 2)} |"
+            f"{mean_std([run['val_final'] for run in group], 2)} | {mean_std([run['val_chrf'] for run in group], 2)} |"
         )
     lines += ["", "## Test BLEU and chrF of the chosen settings", ""]
     if pretrained is not None:
@@ -240,27 +240,29 @@ def report(runs: list[dict], sizes: list[int], configs: list[str], pretrained: d
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size in sizes:
         baseline_key = choose(runs, size, "adamw")
-        baseline = {run["seed"]: run for run in groups.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
-        base_cost = _mean([_relative_cost(run) for run in baseline.values()]) if baseline else None
+        baseline = (
+            {run["seed"]: run for run in by_setting.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
+        )
+        base_cost = mean([relative_cost(run) for run in baseline.values()]) if baseline else None
         for config in configs:
             key = choose(runs, size, config)
             if key is None:
                 continue
-            group = groups[(size, config, *key)]
+            group = by_setting[(size, config, *key)]
             cells = []
             for metric in ("test_bleu", "test_chrf"):
                 diffs = [run[metric] - baseline[run["seed"]][metric] for run in group if run["seed"] in baseline]
                 diff = (
-                    f"{_mean(diffs):+.2f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
+                    f"{mean(diffs):+.2f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
                     if diffs and config != "adamw"
                     else ""
                 )
-                cells += [_mean_std([run[metric] for run in group], 2), diff]
-            cost = _mean([_relative_cost(run) for run in group])
+                cells += [mean_std([run[metric] for run in group], 2), diff]
+            cost = mean([relative_cost(run) for run in group])
             lines.append(
                 f"| {size} | {config} | {key[0]:g} | {'' if key[1] is None else f'{key[1]:g}'} | {len(group)} | "
-                f"{' | '.join(cells)} | {_mean([run['passes_per_step'] for run in group]):.2f} | "
-                f"{cost / base_cost if base_cost else float('nan'):.2f}x | {_mean([run['wall_s'] for run in group]):.0f} |"
+                f"{' | '.join(cells)} | {mean([run['passes_per_step'] for run in group]):.2f} | "
+                f"{cost / base_cost if base_cost else float('nan'):.2f}x | {mean([run['wall_s'] for run in group]):.0f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 from PIL import Image as PILImage
 
+import selection
 import transfer_study
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -99,8 +100,8 @@ def test_choices_are_made_on_validation_and_runs_are_not_repeated(tmp_path, monk
     assert not list((tmp_path / "out").glob("*/model/*.safetensors"))  # the study keeps numbers, not weights
 
     runs = json.loads((tmp_path / "out" / "tiny.json").read_text())
-    assert transfer_study.choose(runs, 2, "adamw") == (1e-3, None)
-    assert transfer_study.choose(runs, 2, "xsam") == (1e-3, 0.1)  # highest validation, lowest test
+    assert selection.choose(runs, 2, "adamw") == (1e-3, None)
+    assert selection.choose(runs, 2, "xsam") == (1e-3, 0.1)  # highest validation, lowest test
     record = next(r for r in runs if (r["config"], r["lr"], r["seed"]) == ("adamw", 1e-3, 1))
     assert record["val_curve"] == pytest.approx([0.51, 0.61]) and record["val_best_epoch"] == 2
     assert record["test_accuracy"] == pytest.approx(0.71)

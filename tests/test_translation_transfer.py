@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from num2words import num2words
 
+import selection
 import translation_transfer
 
 
@@ -88,8 +89,8 @@ def test_choices_are_made_on_validation_and_runs_are_not_repeated(tmp_path, monk
     saved = json.loads((out / "tiny.json").read_text())
     runs = saved["runs"]
     assert saved["not_fine_tuned"] == {"test_bleu": 1.0, "test_chrf": 10.0}
-    assert translation_transfer.choose(runs, 20, "adamw") == (1e-3, None)
-    assert translation_transfer.choose(runs, 20, "xsam") == (1e-3, 0.1)  # highest validation, lowest test
+    assert selection.choose(runs, 20, "adamw") == (1e-3, None)
+    assert selection.choose(runs, 20, "xsam") == (1e-3, 0.1)  # highest validation, lowest test
     record = next(r for r in runs if (r["config"], r["lr"], r["seed"]) == ("adamw", 1e-3, 1))
     assert record["val_final"] == pytest.approx(61.0) and record["test_bleu"] == pytest.approx(71.0)
 
