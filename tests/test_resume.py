@@ -309,3 +309,32 @@ def test_resume_with_the_same_settings_continues_the_schedule(checkpoint, tmp_pa
     trainer = resume(checkpoint, tmp_path)
     assert trainer.xsam.search_count == saved["search_count"]
     assert trainer.xsam.alpha == saved["alpha"]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(sam_interval=3),
+        dict(sam_start_ratio=0.5, sam_interval=2),
+        dict(extrapolate_after_drop=0.05, alpha_search="coarse_to_fine"),
+        dict(sam_method="sam", sam_interval=2),
+        dict(gradient_accumulation_steps=2, sam_interval=2),
+    ],
+)
+def test_resume_at_and_around_the_schedule_boundaries_equals_the_uninterrupted_run(tmp_path, schedule):
+    """Steps 3 and 4 of 8: the first sharpness-aware step of a late start, a plain and an aware step of an interval."""
+
+    def run(out, resume=None):
+        settings = dict(max_steps=8, per_device_train_batch_size=4, learning_rate=0.2, rho=0.2, seed=3)
+        settings.update(alpha_search_interval=2, save_strategy="steps", save_steps=1, **schedule)
+        model = TinyClassifier()
+        trainer = XSAMTrainer(model=model, args=training_args(out, **settings), train_dataset=as_dataset(make_data()))
+        trainer.train(resume_from_checkpoint=resume)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), trainer.xsam.alpha
+
+    weights, alpha = run(tmp_path / "full")
+    for step in (3, 4):
+        resumed = tmp_path / f"from{step}"
+        shutil.copytree(tmp_path / "full" / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+        resumed_weights, resumed_alpha = run(resumed, resume=str(resumed / f"checkpoint-{step}"))
+        assert torch.allclose(resumed_weights, weights, rtol=0, atol=1e-12) and resumed_alpha == alpha
