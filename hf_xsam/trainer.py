@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -90,7 +91,10 @@ class XSAMTrainerMixin:
     xsam_protected_attributes: tuple[str, ...] = ("_metrics",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) < 2 and kwargs.get("args") is None:
+        # the training arguments by name in the parent's signature (the second parameter of Trainer, the third of
+        # TRL's DPOTrainer); the Trainer's default when none are given, with the XSAM settings
+        given = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
+        if given.get("args") is None:
             kwargs["args"] = self.default_args_class(output_dir="trainer_output")
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, XSAMConfig):

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from helpers import SequentialXSAMTrainer, TinyClassifier, as_dataset, flat, flat_loss, make_data, training_args
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from hf_xsam import XSAMTrainer, XSAMTrainerMixin, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME as XSAM_STATE_NAME
 from reference import gradient, orthogonal_part, reused_direction, xsam_direction
 
@@ -302,3 +302,26 @@ def test_unsupported_distributed_engines_are_refused(tmp_path, monkeypatch, engi
         monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", fsdp_plugin, raising=False)
     with pytest.raises(ValueError, match=match):
         trainer._check_supported()
+
+
+class RefModelFirst(Trainer):
+    """A Trainer whose second parameter is not ``args``, as TRL's DPOTrainer (``model, ref_model, args, ...``)."""
+
+    def __init__(self, model=None, ref_model=None, args=None, **kwargs):
+        self.ref_model = ref_model
+        super().__init__(model=model, args=args, **kwargs)
+
+
+class XSAMRefModelFirst(XSAMTrainerMixin, RefModelFirst):
+    pass
+
+
+def test_the_mixin_finds_the_training_arguments_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = as_dataset(make_data())
+    # model and ref_model positionally, no args: the XSAM defaults (a guess by position would pass none)
+    trainer = XSAMRefModelFirst(TinyClassifier(), TinyClassifier(), train_dataset=data)
+    assert isinstance(trainer.args, XSAMTrainingArguments) and trainer.args.output_dir == "trainer_output"
+    args = training_args(tmp_path, rho=0.3)
+    trainer = XSAMRefModelFirst(TinyClassifier(), None, args, train_dataset=data)  # args third, positionally
+    assert trainer.args is args and trainer.ref_model is None
