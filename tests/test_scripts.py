@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -750,10 +751,11 @@ def test_default_output_folders_of_the_embedded_runs_are_ignored_by_git(script):
 def test_overwrite_output_dir_trains_afresh_into_a_folder_that_would_be_refused(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")  # a whole checkpoint: the Trainer writes it last
     args = SimpleNamespace(output_dir=str(out), do_train=True, resume_from_checkpoint=None)
     assert _common.detect_last_checkpoint(args) == str(out / "checkpoint-3")  # resumed by default
     assert _common.detect_last_checkpoint(args, overwrite_output_dir=True) is None
-    (out / "checkpoint-3").rmdir()
+    shutil.rmtree(out / "checkpoint-3")
     (out / "model.safetensors").write_text("")
     with pytest.raises(_common.UsageError, match="Pass --overwrite_output_dir to train into it anyway"):
         _common.detect_last_checkpoint(args)
