@@ -15,7 +15,7 @@ accuracy of the chosen settings with their cost and the same-seed differences ag
 skipped, so an interrupted study continues where it stopped. Results: ``NAME.json`` (all runs) and ``NAME.md``.
 
 Example (docs/transfer.md):
-    python benchmarks/transfer_study.py --data_dir ../shared/data/cifar10 --model ../shared/models/vit-cifar5 \\
+    python benchmarks/transfer_study.py --data_dir CIFAR10_DIR --model VIT_CIFAR5 \\
         --sizes 50 --seeds 0 1 2 --jobs 2 --output_dir runs/transfer --name transfer -- --num_train_epochs 20
 """
 

@@ -554,6 +554,8 @@ def test_classify_reads_image_paths_and_string_labels_from_json_lines(tmp_path, 
          r"--label_column_name 'species' is not a column of the dataset; found columns: image, label, size, caption"),
         (["--image_column_name", "size"], r"--image_column_name 'size' holds Value\('int64'\), not images"),
         (["--image_column_name", "caption"], r"--image_column_name 'caption' holds 'a cat', which is not an image"),
+        (["--do_predict"], r"--do_predict needs a 'test' split; the data has train"),
+        (["--test_file", "test.csv"], r"--test_file must be a parquet or JSON lines file, got 'test.csv'"),
     ],
 )  # fmt: skip
 def test_classify_errors_say_what_was_found(tmp_path, monkeypatch, flags, match):
