@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "PLANE_TOLERANCE",
+    "sum_dtype",
     "global_norm",
     "global_norms",
     "global_dot",
@@ -36,7 +37,7 @@ __all__ = [
 PLANE_TOLERANCE = 1e-3
 
 
-def _sum_dtype(tensors: list[Tensor]) -> torch.dtype:
+def sum_dtype(tensors: list[Tensor]) -> torch.dtype:
     """float32 for sums over ``tensors`` (bf16 and fp16 included), float64 for float64 ones."""
     return torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
 
@@ -45,7 +46,7 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     """Euclidean norm of all ``tensors`` taken together, computed in float32 (or float64 if given)."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=_sum_dtype(tensors))))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=sum_dtype(tensors))))
 
 
 def global_norms(*lists: list[Tensor]) -> Tensor:
@@ -55,7 +56,7 @@ def global_norms(*lists: list[Tensor]) -> Tensor:
     >>> global_norms([torch.tensor([3.0]), torch.tensor([4.0])], [torch.tensor([1.0]), torch.tensor([0.0])])
     tensor([5., 1.])
     """
-    per_tensor = torch.stack(torch._foreach_norm([t for ts in lists for t in ts], 2, dtype=_sum_dtype(lists[0])))
+    per_tensor = torch.stack(torch._foreach_norm([t for ts in lists for t in ts], 2, dtype=sum_dtype(lists[0])))
     return torch.linalg.vector_norm(per_tensor.view(len(lists), -1), dim=1)
 
 
@@ -68,7 +69,7 @@ def global_dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """
     if not xs:
         return torch.zeros(())
-    return torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)]).to(_sum_dtype(xs)).sum()
+    return torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)]).to(sum_dtype(xs)).sum()
 
 
 def add_scaled_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from .geometry import sum_dtype
+
 __all__ = ["nonfinite", "step_unless", "guard_optimizer_step"]
 
 
@@ -37,9 +39,10 @@ def nonfinite(tensors: list[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.tensor(False)
-    # a sharded (FSDP2) gradient's norm is a DTensor: its full value is the same on every worker
-    norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in torch._foreach_norm(tensors)]
-    return ~torch.isfinite(torch.stack([norm.float() for norm in norms])).all()
+    norms = torch._foreach_norm(tensors, 2, dtype=sum_dtype(tensors))
+    if isinstance(norms[0], DTensor):  # sharded (FSDP2): the full norms, the same on every worker
+        norms = [norm.full_tensor() for norm in norms]
+    return ~torch.isfinite(torch.stack(norms)).all()
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor, step: Callable[[], Any]) -> Any:
