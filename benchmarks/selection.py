@@ -1,5 +1,5 @@
-"""What the transfer studies share: run names, grouping runs by setting, the choice made on validation, means
-and the cost of a step.
+"""What the transfer studies share: run names, a run's script flags and its process, grouping runs by setting, the
+choice made on validation, means and the cost of a step.
 
 A run record holds ``size``, ``config``, ``lr``, ``rho`` (None for AdamW), ``seed``, ``val_final`` (the final
 validation metric), ``passes_per_step`` and ``search_forwards_per_step``.
@@ -13,9 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-__all__ = ["run_name", "mean", "mean_std", "groups", "choose", "relative_cost"]
+__all__ = ["run_name", "run_flags", "run_script", "mean", "mean_std", "groups", "choose", "relative_cost"]
 
 
 def run_name(size: int, config: str, lr: float, rho: float | None, seed: int) -> str:
@@ -50,3 +55,41 @@ def choose(runs: list[dict], size: int, config: str) -> tuple[float, float | Non
 def relative_cost(run: dict) -> float:
     # a forward-backward pass counts 3 (a forward and a backward of twice its cost), a search forward 1
     return (3 * run["passes_per_step"] + run["search_forwards_per_step"]) / 3
+
+
+def run_flags(
+    setting: dict,
+    configs: dict[str, list[str]],
+    model: str,
+    splits: dict[str, Path],
+    fixed: list[str],
+    output_dir: Path,
+) -> list[str]:
+    """The script's flags for one run: the model, the split files, the study's ``fixed`` flags, then the setting's
+    (its configuration's flags, learning rate, rho when set, seed) and the output folder."""
+    rho = [] if setting["rho"] is None else ["--rho", str(setting["rho"])]
+    files = [value for split in ("train", "validation", "test") for value in (f"--{split}_file", str(splits[split]))]
+    return [
+        *("--model_name_or_path", str(model), *files, *fixed, *configs[setting["config"]]),
+        *(
+            "--learning_rate",
+            str(setting["lr"]),
+            *rho,
+            "--seed",
+            str(setting["seed"]),
+            "--output_dir",
+            str(output_dir),
+        ),
+    ]
+
+
+def run_script(script: Path, flags: list[str], log_path: Path) -> float:
+    """Run ``script`` with ``flags`` (one thread unless the caller set more), its output into ``log_path``; returns
+    the wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.time()
+    with open(log_path, "w") as log:
+        subprocess.run(
+            [sys.executable, str(script), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    return time.time() - start

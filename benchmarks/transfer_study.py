@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from selection import choose, groups, mean, mean_std, relative_cost, run_name
+from selection import choose, groups, mean, mean_std, relative_cost, run_flags, run_name, run_script
 
 __all__ = [
     "CONFIGS",
@@ -186,35 +183,11 @@ def read_record(out: Path) -> dict:
 def _fine_tune(setting: dict, splits: dict[str, Path], model: str, extra: list[str], out: Path) -> float:
     """Run the script for ``setting`` into ``out/model`` (the weights are deleted after); returns the wall time."""
     out.mkdir(parents=True, exist_ok=True)
-    flags = [
-        "--model_name_or_path",
-        model,
-        "--train_file",
-        str(splits["train"]),
-        "--validation_file",
-        str(splits["validation"]),
-        "--test_file",
-        str(splits["test"]),
-        *FINE_TUNE_FLAGS,
-        *CONFIGS[setting["config"]],
-        "--learning_rate",
-        str(setting["lr"]),
-        *([] if setting["rho"] is None else ["--rho", str(setting["rho"])]),
-        "--seed",
-        str(setting["seed"]),
-        "--output_dir",
-        str(out / "model"),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    start = time.time()
-    with open(out / "log.txt", "w") as log:
-        subprocess.run(
-            [sys.executable, str(SCRIPT), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+    flags = run_flags(setting, CONFIGS, model, splits, FINE_TUNE_FLAGS, out / "model")
+    wall = run_script(SCRIPT, [*flags, *extra], out / "log.txt")
     for heavy in (out / "model").glob("*.safetensors"):
         heavy.unlink()  # the study keeps the numbers, not the weights
-    return time.time() - start
+    return wall
 
 
 def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:

@@ -31,19 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from num2words import num2words
 
-from selection import choose, groups, mean, mean_std, relative_cost, run_name
+from selection import choose, groups, mean, mean_std, relative_cost, run_flags, run_name, run_script
 from transfer_study import CONFIGS as TRANSFER_CONFIGS
 
 __all__ = ["CONFIGS", "TEST_SEED", "draw_numbers", "draw_splits", "summarize_run", "report", "main"]
@@ -123,23 +120,12 @@ def draw_splits(size: int, val_pairs: int, test_pairs: int, seed: int, folder: P
     return paths
 
 
-def _run_script(flags: list[str], log_path: Path) -> float:
-    """Run ``scripts/translate.py`` with ``flags`` (one thread unless the caller set more); returns the wall time."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    start = time.time()
-    with open(log_path, "w") as log:
-        subprocess.run(
-            [sys.executable, str(SCRIPT), *flags], check=True, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-    return time.time() - start
-
-
 def pretrain(folder: Path) -> Path:
     """The embedded run of ``scripts/translate.py`` (English to French numbers, its data, model and schedule) with
     AdamW into ``folder``, unless a model is there already. AdamW, like the image side's checkpoint and most Hub
     models: a checkpoint pretrained with XSAM could start the fine-tuning in a flatter region."""
     if not (folder / "config.json").exists():
-        _run_script(["--sam_method", "none", "--output_dir", str(folder)], folder.parent / "pretrain.log")
+        run_script(SCRIPT, ["--sam_method", "none", "--output_dir", str(folder)], folder.parent / "pretrain.log")
     return folder
 
 
@@ -151,7 +137,7 @@ def score_pretrained(model: Path, test_file: Path, out: Path, extra: list[str]) 
     out.mkdir(parents=True, exist_ok=True)
     common = [flag for flag in FINE_TUNE_FLAGS if flag not in ("--do_train", "--do_eval")]
     flags = ["--model_name_or_path", str(model), "--test_file", str(test_file), *common]
-    _run_script([*flags, "--output_dir", str(out / "model"), *extra], out / "log.txt")
+    run_script(SCRIPT, [*flags, "--output_dir", str(out / "model"), *extra], out / "log.txt")
     results = json.loads((out / "model" / "all_results.json").read_text())
     record = {"test_bleu": results["predict_bleu"], "test_chrf": results["predict_chrf"]}
     record_path.write_text(json.dumps(record, indent=1))
@@ -185,27 +171,8 @@ def run_one(setting: dict, splits: dict[str, Path], model: Path, extra: list[str
     model_dir = out / "model"
     shutil.rmtree(model_dir, ignore_errors=True)  # what an interrupted run left behind
     out.mkdir(parents=True, exist_ok=True)
-    flags = [
-        "--model_name_or_path",
-        str(model),
-        "--train_file",
-        str(splits["train"]),
-        "--validation_file",
-        str(splits["validation"]),
-        "--test_file",
-        str(splits["test"]),
-        *FINE_TUNE_FLAGS,
-        *CONFIGS[setting["config"]],
-        "--learning_rate",
-        str(setting["lr"]),
-        *([] if setting["rho"] is None else ["--rho", str(setting["rho"])]),
-        "--seed",
-        str(setting["seed"]),
-        "--output_dir",
-        str(model_dir),
-        *extra,
-    ]
-    wall = _run_script(flags, out / "log.txt")
+    flags = run_flags(setting, CONFIGS, model, splits, FINE_TUNE_FLAGS, model_dir)
+    wall = run_script(SCRIPT, [*flags, *extra], out / "log.txt")
     state = json.loads((model_dir / "trainer_state.json").read_text())
     results = json.loads((model_dir / "all_results.json").read_text())
     record = {**setting, **summarize_run(state["log_history"], results), "wall_s": wall, "steps": state["global_step"]}

@@ -81,7 +81,7 @@ def fake_training(calls: list[list[str]]):
 
 def test_choices_are_made_on_validation_and_runs_are_not_repeated(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(transfer_study.subprocess, "run", fake_training(calls))
+    monkeypatch.setattr(selection.subprocess, "run", fake_training(calls))
     argv = [
         "--data_dir",
         str(cifar_like(tmp_path)),

@@ -70,7 +70,7 @@ def fake_script(calls: list[list[str]]):
 
 def test_choices_are_made_on_validation_and_runs_are_not_repeated(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(translation_transfer.subprocess, "run", fake_script(calls))
+    monkeypatch.setattr(selection.subprocess, "run", fake_script(calls))
     out = tmp_path / "out"
     argv = ["--output_dir", str(out), "--sizes", "20", "--val_pairs", "5", "--test_pairs", "8", "--seeds", "0", "1"]
     argv += ["--configs", "sam", "xsam", "--lrs", "3e-4", "1e-3", "--rhos", "0.01", "0.1", "--name", "tiny"]
