@@ -72,6 +72,9 @@ CONFIGS = {
     "xsam-amax1": [*_PAPER, "--alpha_max", "1"],
     "xsam-amax3": [*_PAPER, "--alpha_max", "3"],
     "xsam-amax4": [*_PAPER, "--alpha_max", "4"],
+    # the adaptive ascent (docs/method.md, "The adaptive ascent"): ASAM, and XSAM climbing as ASAM does
+    "asam": ["--sam_method", "sam", "--sam_adaptive", "true"],
+    "xsam-asam": [*_XSAM, "--sam_adaptive", "true"],
 }
 METHODS = list(CONFIGS)
 # cost units of one optimizer step: a forward-backward pass counts 3 (a forward and a backward of twice its cost),

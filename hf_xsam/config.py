@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .ascent import AdaptiveAscent, Ascent, EuclideanAscent
 from .rules import STEP_RULES, StepRule
 from .search import SEARCHES
 
@@ -181,6 +182,21 @@ class XSAMConfig:
             "choices": list(PERTURBATIONS),
         },
     )
+    sam_adaptive: bool = field(
+        default=False,
+        metadata={
+            "help": "Climb with ASAM's adaptive ascent (Kwon et al., ICML 2021): each weight's ascent is scaled by "
+            "`T = |w| + sam_adaptive_eta` (the step is `rho T^2 g / ||T g||`), so `rho` is a radius in that scaled "
+            "geometry and is usually about 10x SAM's (0.5 to 2). With `sam_method='sam'` this is ASAM."
+        },
+    )
+    sam_adaptive_eta: float = field(
+        default=0.01,
+        metadata={
+            "help": "With `sam_adaptive`: the constant added to `|w|` (>= 0), so that weights at zero (biases) "
+            "still move; 0 is the scale of davda54/sam's `adaptive=True`."
+        },
+    )
     sam_eps: float = field(default=1e-12, metadata={"help": "Epsilon of every normalisation (small, <= 1e-4)."})
 
     def __post_init__(self) -> None:
@@ -253,6 +269,13 @@ class XSAMConfig:
                 _number(self.sam_reuse_scale) and self.sam_reuse_scale >= 0,
                 "a number >= 0",
             ),
+            ("sam_adaptive", self.sam_adaptive, isinstance(self.sam_adaptive, bool), "True or False"),
+            (
+                "sam_adaptive_eta",
+                self.sam_adaptive_eta,
+                _number(self.sam_adaptive_eta) and 0 <= self.sam_adaptive_eta <= MAX_RADIUS,
+                f"a finite number in [0, {MAX_RADIUS:g}]",
+            ),
             (
                 "sam_eps",
                 self.sam_eps,
@@ -292,9 +315,18 @@ class XSAMConfig:
             )
 
     @property
+    def ascent(self) -> Ascent:
+        """The ascent of the sharpness-aware steps: ASAM's with ``sam_adaptive``, SAM's otherwise."""
+        return AdaptiveAscent(eta=float(self.sam_adaptive_eta)) if self.sam_adaptive else EuclideanAscent()
+
+    @property
     def step_rule(self) -> StepRule:
-        """The registry entry of ``sam_method`` (:data:`hf_xsam.rules.STEP_RULES`)."""
-        return STEP_RULES[self.sam_method]
+        """The registry entry of ``sam_method`` (:data:`hf_xsam.rules.STEP_RULES`), climbing with :attr:`ascent`.
+
+        >>> XSAMConfig(sam_method="sam", sam_adaptive=True).step_rule.tags
+        ('sharpness-aware-minimization', 'asam')
+        """
+        return STEP_RULES[self.sam_method].with_ascent(self.ascent)
 
     @property
     def searches_alpha(self) -> bool:

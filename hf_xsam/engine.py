@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import XSAMConfig
 from .geometry import (
+    Plane,
     add_scaled_,
     addcmul_scaled_,
     angle,
@@ -102,17 +103,6 @@ class XSAMStepStats:
     """The optimizer step must be skipped: a micro-batch of it was non-finite, on any worker (last micro-batch)."""
 
 
-@dataclass
-class Plane:
-    """The search plane of one step: the norms of ``g_k`` and of ``w_k - w0``, the angle theta between them (0 when
-    the ascent stalled), and whether the ascent stalled."""
-
-    grad_norm: Tensor
-    displacement_norm: Tensor
-    theta: Tensor
-    stalled: Tensor
-
-
 class XSAM:
     """XSAM (eXplicit Sharpness-Aware Minimization) as a gradient transformation.
 
@@ -155,7 +145,8 @@ class XSAM:
         if config is not None and settings:
             raise TypeError(f"XSAM takes a config or settings as keywords, not both (got {sorted(settings)})")
         self.config = config if config is not None else XSAMConfig(**settings)
-        if not self.config.step_rule.sharpness_aware:
+        self.rule = self.config.step_rule
+        if not self.rule.sharpness_aware:
             raise ValueError(
                 f"Invalid sam_method: {self.config.sam_method!r} takes no XSAM step; use the base optimizer alone"
             )
@@ -353,69 +344,70 @@ class XSAM:
         with torch.enable_grad():
             loss = forward_backward()
         owners, params, first_grads = self._active()
+        # sam_reuse measures the kept direction against ||g0||; the ascent may scale g0 in place
+        first_norm = self._norm(first_grads) if self.config.sam_reuse else None
         saved = self.saved_weights(owners)
         torch._foreach_copy_(saved, params)
         try:
             with self.running_stats:
-                ascent_loss, grads, ascent_norms = self._ascend(forward_backward, owners, params, first_grads)
+                ascent_loss, grads, ascent_norms, climbed = self._ascend(forward_backward, owners, params, first_grads)
                 # params now hold the displacement w_k - w0 (v0 before normalisation)
                 torch._foreach_sub_(params, saved)
-                plane = self._plane(params, grads)
+                plane = self._plane(params, grads, climbed)
                 # a non-finite gradient in any pass makes the sum of the norms non-finite
                 nonfinite = ~torch.isfinite(ascent_norms + plane.grad_norm)
                 if loss_only is not None and self.search_due(step, epoch):
-                    self._search_alpha(loss_only, params, saved, grads, plane, nonfinite, mean_loss)
+                    radius = self.rule.ascent.search_radius(self.config, climbed)
+                    self._search_alpha(loss_only, params, saved, grads, plane, radius, nonfinite, mean_loss)
                     self.last_search_step, self.last_search_epoch = step, epoch
                     self.search_count += 1
                     self.search_history[-1]["step"] = step
-                self._direction_(grads, params, plane, nonfinite)
+                self.rule.direction_(grads, params, plane, self.alpha, nonfinite, self.config.sam_eps)
         finally:
             # back to w0 exactly, whatever happened above
             torch._foreach_copy_(params, saved)
             self._drop_late_gradients(owners)
         if self.config.sam_reuse:
-            self._keep_orthogonal_(owners, grads, first_grads)
+            self._keep_orthogonal_(owners, grads, first_grads, first_norm)
         skip = self._accumulate(owners, grads, accumulate, nonfinite)
         return XSAMStepStats(loss, ascent_loss, plane.theta, nonfinite, plane.stalled, skip)
 
     def _ascend(
         self, forward_backward: Callable[[], Tensor], owners: list[Tensor], params: list[Tensor], grads: list[Tensor]
-    ) -> tuple[Tensor, list[Tensor], Tensor]:
-        """Climb ``k`` normalised steps of ``rho / k`` from ``w0`` and take the gradient ``g_k`` at ``w_k``.
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor | float]:
+        """Climb ``k`` steps of ``rho / k`` from ``w0`` with the rule's ascent and take the gradient ``g_k`` at ``w_k``.
 
-        Returns the loss at ``w_k``, ``g_k`` and the sum of the ascent gradients' norms (non-finite when one was).
-        The first gradient ``grads`` is left as it was, or scaled by a positive number (see ``add_scaled_``).
+        Returns the loss at ``w_k``, ``g_k``, the sum of the norms that normalised the ascent steps (non-finite when
+        a gradient was) and the climb's Euclidean length. The first gradient ``grads`` is left as it was, or scaled by
+        a positive number (see ``add_scaled_``).
         """
-        config = self.config
-        norms = []
+        config, ascent = self.config, self.rule.ascent
+        saved = self.saved_weights(owners)
+        norms, lengths = [], []
         for i in range(config.ascent_steps):
             if i > 0:
                 grads = self._fresh_gradient(forward_backward, owners)[1]
-            norm = self._norm(grads)
+            norm, length = ascent.climb_(
+                params, saved, grads, config.rho / config.ascent_steps, self._norms, config.sam_eps
+            )
             norms.append(norm)
-            scale = (config.rho / config.ascent_steps) / (norm + config.sam_eps)
-            # climb: w <- w + (rho / k) g / ||g||
-            add_scaled_(params, grads, torch.where(torch.isfinite(norm), scale, 0.0))
+            lengths.append(length)
         ascent_loss, grads = self._fresh_gradient(forward_backward, owners)
-        return ascent_loss, grads, sum(norms[1:], norms[0])
+        return ascent_loss, grads, sum(norms[1:], norms[0]), sum(lengths[1:], lengths[0])
 
-    def _plane(self, displacement: list[Tensor], grads: list[Tensor]) -> Plane:
-        """The plane of ``v0`` (along ``displacement = w_k - w0``) and ``v1`` (along ``g_k``): norms and angle."""
+    def _plane(self, displacement: list[Tensor], grads: list[Tensor], climbed: Tensor | float) -> Plane:
+        """The plane of ``v0`` (along ``displacement = w_k - w0``) and ``v1`` (along ``g_k``): norms and angle.
+
+        ``climbed`` is the Euclidean length the ascent meant to climb; the ascent stalled when the weights moved less
+        than half of one of its ``k`` steps.
+        """
         config = self.config
         grad_norm, displacement_norm = self._norms(grads, displacement)
         # an ascent that rounded away (rho below the weights' resolution) leaves no plane: theta = 0
         # makes u(alpha) = v1, SAM's direction, for every alpha
-        stalled = displacement_norm <= STALLED_ASCENT * config.rho / config.ascent_steps
+        stalled = displacement_norm <= STALLED_ASCENT * climbed / config.ascent_steps
         theta = angle(self._dot(displacement, grads), displacement_norm, grad_norm, config.sam_eps)
         return Plane(grad_norm, displacement_norm, torch.where(stalled, 0.0, theta), stalled)
-
-    def _direction_(self, grads: list[Tensor], displacement: list[Tensor], plane: Plane, nonfinite: Tensor) -> None:
-        """``grads <- ||g_k|| u(alpha)``; ``displacement`` is scratch."""
-        c0, c1 = slerp_coefficients(plane.theta, self.alpha)
-        # d = ||g_k|| u(alpha): displacement scaled to c0 ||g_k|| / ||w_k - w0||, plus c1 g_k;
-        # a non-finite pass poisons d so that a scaler, or the trainer, skips the step
-        torch._foreach_mul_(grads, torch.where(nonfinite, torch.nan, c1))
-        add_scaled_(grads, displacement, c0 * plane.grad_norm / (plane.displacement_norm + self.config.sam_eps))
 
     def saved_weights(self, owners: list[Tensor] | None = None) -> list[Tensor]:
         """The buffers holding the saved weights ``w0`` of ``owners`` (all parameters by default), made on first use.
@@ -431,10 +423,13 @@ class XSAM:
         stores = {"saved": self._saved, "accumulated": self._accumulated, "reused": self._reused}
         return {name: sum(buffer.numel() for buffer in store.values()) for name, store in stores.items()}
 
-    def _keep_orthogonal_(self, owners: list[Tensor], direction: list[Tensor], first: list[Tensor]) -> None:
+    def _keep_orthogonal_(
+        self, owners: list[Tensor], direction: list[Tensor], first: list[Tensor], first_norm: Tensor
+    ) -> None:
         """``sam_reuse``: add to the kept direction the part of this micro-batch's ``direction`` orthogonal to its
-        first gradient ``first``, divided by that gradient's norm (scratch: its pass is over); the first micro-batch
-        of a step starts it anew, and the last divides the sum by the number of micro-batches (:meth:`_accumulate`).
+        first gradient, divided by that gradient's norm ``first_norm``; ``first`` is that gradient or a positive
+        multiple of it (scratch: its pass is over). The first micro-batch of a step starts the kept direction anew,
+        and the last divides the sum by the number of micro-batches (:meth:`_accumulate`).
         """
         if self._reuse_fresh and self._reused:
             torch._foreach_zero_(list(self._reused.values()))
@@ -442,10 +437,10 @@ class XSAM:
             self._reuse_micro_batches = 0
         self._reuse_fresh = False
         self._reuse_micro_batches += 1
-        first_norm = self._norm(first)
-        # first <- (direction - <direction, first> / ||first||^2 first) / ||first||: the orthogonal part, measured
-        # against the gradient it was orthogonal to
-        torch._foreach_mul_(first, -self._dot(direction, first) / (first_norm.square() + self.config.sam_eps))
+        # first <- direction - <direction, first> / ||first||^2 first, the orthogonal part, then divided by ||g0||:
+        # measured against the gradient it was orthogonal to
+        scaled_norm = self._norm(first)
+        torch._foreach_mul_(first, -self._dot(direction, first) / (scaled_norm.square() + self.config.sam_eps))
         torch._foreach_add_(first, direction)
         add_scaled_(self._buffers(self._reused, owners), first, 1.0 / (first_norm + self.config.sam_eps))
 
@@ -616,10 +611,12 @@ class XSAM:
         saved: list[Tensor],
         grads: list[Tensor],
         plane: Plane,
+        radius: Tensor | float,
         nonfinite: Tensor,
         mean_loss: Callable[[], Tensor] | None = None,
     ) -> None:
-        """Search the grid for the alpha whose point ``w0 + rho_max u(alpha)`` has the largest loss.
+        """Search the grid for the alpha whose point ``w0 + radius u(alpha)`` has the largest loss (``radius``: the
+        rule's Euclidean search radius, ``rho_max`` for SAM's ascent).
 
         The strategy (``alpha_search``, see :mod:`hf_xsam.search`) asks for grid points; each batch of them is
         evaluated under the same random state and its losses averaged over workers before any decision.
@@ -634,10 +631,8 @@ class XSAM:
         displacement = torch._foreach_clone(params)
         grid, theta = self.alpha_grid, plane.theta
         c0, c1 = slerp_coefficients(theta, torch.tensor(grid, dtype=theta.dtype, device=theta.device))
-        along_displacement = (
-            self.config.search_radius * c0 / (plane.displacement_norm + self.config.sam_eps)
-        ).tolist()
-        along_gradient = (self.config.search_radius * c1 / (plane.grad_norm + self.config.sam_eps)).tolist()
+        along_displacement = (radius * c0 / (plane.displacement_norm + self.config.sam_eps)).tolist()
+        along_gradient = (radius * c1 / (plane.grad_norm + self.config.sam_eps)).tolist()
         with replayed_random_state(params[0].device) as replay:
 
             def losses_at(

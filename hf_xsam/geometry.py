@@ -17,11 +17,14 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "PLANE_TOLERANCE",
+    "Plane",
     "sum_dtype",
     "global_norm",
     "global_norms",
@@ -35,6 +38,17 @@ __all__ = [
 
 # Below this value of sin(theta) the plane of v0 and v1 is taken as undefined and u(alpha) = v1.
 PLANE_TOLERANCE = 1e-3
+
+
+@dataclass
+class Plane:
+    """The search plane of one step: the norms of ``g_k`` and of ``w_k - w0``, the angle theta between them (0 when
+    the ascent stalled), and whether the ascent stalled (0-dim tensors)."""
+
+    grad_norm: Tensor
+    displacement_norm: Tensor
+    theta: Tensor
+    stalled: Tensor
 
 
 def sum_dtype(tensors: list[Tensor]) -> torch.dtype:

@@ -38,17 +38,29 @@ def xsam_direction(
     alpha_step: float = 0.1,
     eps: float = 1e-12,
     cap_at_one: bool = False,
+    adaptive_eta: float | None = None,
 ) -> tuple[torch.Tensor, float, list[float]]:
     """The XSAM update direction at ``w0``, the alpha used and the search losses (empty without search).
 
     ``cap_at_one``: a searched alpha above 1 becomes the grid point at or below 1 with the largest finite loss
     (hf_xsam's ``extrapolate_after_drop`` before the loss has fallen enough).
+
+    ``adaptive_eta``: ASAM's ascent (Kwon et al., 2021) with ``T = |w0| + adaptive_eta``: each of the ``k`` steps is
+    ``(rho / k) T^2 g / ||T g||``; the plane stays Euclidean and the search radius is the Euclidean length of the
+    climb (the sum of its steps' lengths) times ``rho_max / rho``.
     """
     w0 = w0.double()
     w = w0.clone()
+    climbed = 0.0
     for _ in range(k):
         g = gradient(loss, w)
-        w = w + (rho / k) * g / (g.norm() + eps)
+        if adaptive_eta is None:
+            ascent = (rho / k) * g / (g.norm() + eps)
+        else:
+            t = w0.abs() + adaptive_eta
+            ascent = (rho / k) * t * t * g / ((t * g).norm() + eps)
+        climbed += float(ascent.norm())
+        w = w + ascent
     g_k = gradient(loss, w)
     v0 = (w - w0) / (w - w0).norm()
     v1 = g_k / g_k.norm()
@@ -56,6 +68,8 @@ def xsam_direction(
     losses: list[float] = []
     if search:
         rho_max = 2 * rho if rho_max is None else rho_max
+        if adaptive_eta is not None:
+            rho_max = rho_max * climbed / rho
         grid = [i * alpha_step for i in range(int(round(alpha_max / alpha_step)) + 1)]
         with torch.no_grad():
             losses = [float(loss(w0 + rho_max * slerp(v0, v1, theta, a))) for a in grid]

@@ -54,28 +54,45 @@ def engine_direction(model, batch, **settings):
         dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25, extrapolate_after_drop=0.0),
         dict(rho=0.3, ascent_steps=1),  # the default: a first search caps alpha at 1
         dict(rho=0.3, ascent_steps=2, rho_max=0.5, alpha_max=1.5, alpha_step=0.25),
+        dict(sam_method="sam", rho=1.0, ascent_steps=1, sam_adaptive=True),  # ASAM
+        dict(sam_method="sam", rho=0.5, ascent_steps=2, sam_adaptive=True, sam_adaptive_eta=0.0),  # eta 0, k = 2
+        dict(rho=1.0, ascent_steps=1, sam_adaptive=True, extrapolate_after_drop=0.0),  # XSAM + ASAM, searched
+        dict(
+            rho=0.5,
+            ascent_steps=2,
+            rho_max=1.5,
+            alpha_max=1.5,
+            alpha_step=0.25,
+            sam_adaptive=True,
+            sam_adaptive_eta=0.1,
+        ),
+        dict(rho=0.5, ascent_steps=1, alpha=0.4, alpha_search_interval=0, sam_adaptive=True),  # fixed alpha
     ],
 )
 def test_direction_matches_reference(settings):
     model = TinyClassifier()
     batch = make_data()
     w0 = flat(model)
-    expected, expected_alpha, _ = xsam_direction(
+    expected, expected_alpha, expected_losses = xsam_direction(
         flat_loss(model, batch),
         w0,
         rho=settings["rho"],
         k=settings["ascent_steps"],
         alpha=settings.get("alpha", 1.0),
-        search=settings.get("alpha_search_interval") != 0,
+        search=settings.get("sam_method", "xsam") == "xsam" and settings.get("alpha_search_interval") != 0,
         rho_max=settings.get("rho_max"),
         alpha_max=settings.get("alpha_max", 2.0),
         alpha_step=settings.get("alpha_step", 0.1),
         cap_at_one=settings.get("extrapolate_after_drop", XSAMConfig().extrapolate_after_drop) > 0,
+        adaptive_eta=settings.get("sam_adaptive_eta", 0.01) if settings.get("sam_adaptive") else None,
     )
     before, direction, after, engine = engine_direction(model, batch, **settings)
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "weights must be restored exactly"
     torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
     assert engine.alpha == pytest.approx(expected_alpha)
+    # the losses along the arc: the search radius too
+    searched = engine.search_history[-1]["losses"] if engine.search_history else []
+    assert searched == pytest.approx(expected_losses, rel=1e-6)  # the engine keeps losses in float32
 
 
 def test_several_sgd_steps_with_searches_match_reference():
