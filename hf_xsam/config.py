@@ -372,6 +372,8 @@ class XSAMConfig:
         """
         return math.ceil(self.sam_start_ratio * max_steps)
 
+    # the two schedules: which steps are sharpness-aware, and which of those search alpha
+
     def sharpness_aware_step(self, step: int, max_steps: int) -> bool:
         """Whether optimizer step ``step`` (0-based) of a run of ``max_steps`` is sharpness-aware.
 
@@ -386,6 +388,22 @@ class XSAMConfig:
             return False
         start = self.sam_start_step(max_steps)
         return step >= start and (step - start) % self.sam_interval == 0
+
+    def search_due(self, step: int, epoch: int, last_search_step: int | None, last_search_epoch: int | None) -> bool:
+        """Whether the (sharpness-aware) optimizer step ``step`` of epoch ``epoch`` searches alpha, the last search
+        having been on ``last_search_step`` in ``last_search_epoch`` (``None``: no search yet).
+
+        >>> config = XSAMConfig(alpha_search_interval=4)
+        >>> config.search_due(3, 0, None, None), config.search_due(3, 0, 0, 0), config.search_due(4, 0, 0, 0)
+        (True, False, True)
+        """
+        if not self.searches_alpha:
+            return False
+        if last_search_step is None:
+            return True
+        if self.alpha_search_interval is None:
+            return epoch > last_search_epoch
+        return step - last_search_step >= self.alpha_search_interval
 
     @property
     def xsam_settings(self) -> dict[str, Any]:

@@ -24,12 +24,16 @@ import json
 import math
 import os
 import tempfile
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["STATE_NAME", "ResumeError", "validate_state", "read_state_file", "write_state_file"]
+__all__ = ["STATE_NAME", "SearchState", "ResumeError", "validate_state", "read_state_file", "write_state_file"]
 
 STATE_NAME = "xsam_state.json"
+# The searches kept in `search_history` (enough for the model card and the plots); older ones are counted only.
+SEARCH_HISTORY_LENGTH = 64
 
 
 class ResumeError(ValueError):
@@ -77,59 +81,96 @@ def _validate_search(index: int, entry: Any) -> dict[str, Any]:
     return dict(entry)
 
 
-def validate_state(state: Any, global_step: int | None = None, epoch: float | None = None) -> dict[str, Any]:
-    """Check what :meth:`XSAM.state_dict` saved; raise ``ValueError`` naming the first bad field.
+@dataclass
+class SearchState:
+    """What the alpha searches have decided so far; the engine's part of a checkpoint.
 
-    Args:
-        state: the loaded JSON value.
-        global_step: the optimizer step of the checkpoint; a search recorded after it is refused.
-        epoch: the (fractional) epoch of the checkpoint; a search recorded in a later epoch is refused.
+    The fields are what :meth:`to_dict` saves and :meth:`from_dict` validates and restores.
+
+    >>> state = SearchState(alpha=1.3, last_search_step=4, last_search_epoch=1, search_count=1)
+    >>> SearchState.from_dict(state.to_dict()) == state
+    True
+    """
+
+    alpha: float = 1.0
+    last_search_step: int | None = None
+    last_search_epoch: int | None = None
+    search_count: int = 0
+    search_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=SEARCH_HISTORY_LENGTH))
+    first_search_loss: float | None = None
+    """The loss at ``w0`` of the first search: ``extrapolate_after_drop``'s reference (absent in older files)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-serialisable values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"search_history": list(self.search_history)}
+
+    def record_search(self, step: int, epoch: int, record: dict[str, Any]) -> None:
+        """Note a search of optimizer step ``step`` in epoch ``epoch``, and its record (kept in the history)."""
+        self.last_search_step, self.last_search_epoch = step, epoch
+        self.search_count += 1
+        self.search_history.append({**record, "step": step})
+
+    @classmethod
+    def from_dict(cls, state: Any, global_step: int | None = None, epoch: float | None = None) -> SearchState:
+        """Check what :meth:`to_dict` saved; raise ``ValueError`` naming the first bad field.
+
+        Args:
+            state: the loaded JSON value.
+            global_step: the optimizer step of the checkpoint; a search recorded after it is refused.
+            epoch: the (fractional) epoch of the checkpoint; a search recorded in a later epoch is refused.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+        alpha = state.get("alpha", 1.0)
+        if not _finite(alpha):
+            raise ValueError(f"alpha is {alpha!r}; it must be a finite number")
+        last_step, last_epoch = state.get("last_search_step"), state.get("last_search_epoch")
+        for name, value in (("last_search_step", last_step), ("last_search_epoch", last_epoch)):
+            if value is not None and not _count(value):
+                raise ValueError(f"{name} is {value!r}; it must be null or an integer >= 0")
+        if last_step is not None and global_step is not None and last_step > global_step:
+            raise ValueError(f"last_search_step is {last_step}, after the checkpoint's own step {global_step}")
+        if last_epoch is not None and epoch is not None and last_epoch > math.floor(epoch):
+            raise ValueError(f"last_search_epoch is {last_epoch}, after the checkpoint's own epoch {epoch:g}")
+        if (last_step is None) != (last_epoch is None):
+            raise ValueError(
+                f"last_search_step is {last_step!r} and last_search_epoch {last_epoch!r}; both are null (no search "
+                "yet) or both are set"
+            )
+        history = state.get("search_history", [])
+        if not isinstance(history, list):
+            raise ValueError(f"search_history is {type(history).__name__}; it must be a list of objects")
+        history = [_validate_search(index, entry) for index, entry in enumerate(history)]
+        count = state.get("search_count", len(history))
+        if not _count(count) or count < len(history):
+            raise ValueError(
+                f"search_count is {count!r}; it must be an integer >= the {len(history)} searches in search_history"
+            )
+        first_loss = state.get("first_search_loss")  # extrapolate_after_drop's reference; absent in older files
+        if first_loss is not None and not _finite(first_loss):
+            raise ValueError(f"first_search_loss is {first_loss!r}; it must be null or a finite number")
+        return cls(
+            alpha=float(alpha),
+            last_search_step=last_step,
+            last_search_epoch=last_epoch,
+            search_count=count,
+            search_history=deque(history, maxlen=SEARCH_HISTORY_LENGTH),
+            first_search_loss=None if first_loss is None else float(first_loss),
+        )
+
+
+def validate_state(state: Any, global_step: int | None = None, epoch: float | None = None) -> dict[str, Any]:
+    """Check a saved state file's value: the run's settings and the :class:`SearchState`; raise ``ValueError`` naming
+    the first bad field.
 
     Returns:
         The saved fields, checked, with their defaults where an older file lacks them.
     """
-    if not isinstance(state, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(state).__name__}")
-    alpha = state.get("alpha", 1.0)
-    if not _finite(alpha):
-        raise ValueError(f"alpha is {alpha!r}; it must be a finite number")
-    last_step, last_epoch = state.get("last_search_step"), state.get("last_search_epoch")
-    for name, value in (("last_search_step", last_step), ("last_search_epoch", last_epoch)):
-        if value is not None and not _count(value):
-            raise ValueError(f"{name} is {value!r}; it must be null or an integer >= 0")
-    if last_step is not None and global_step is not None and last_step > global_step:
-        raise ValueError(f"last_search_step is {last_step}, after the checkpoint's own step {global_step}")
-    if last_epoch is not None and epoch is not None and last_epoch > math.floor(epoch):
-        raise ValueError(f"last_search_epoch is {last_epoch}, after the checkpoint's own epoch {epoch:g}")
-    if (last_step is None) != (last_epoch is None):
-        raise ValueError(
-            f"last_search_step is {last_step!r} and last_search_epoch {last_epoch!r}; both are null (no search "
-            "yet) or both are set"
-        )
-    history = state.get("search_history", [])
-    if not isinstance(history, list):
-        raise ValueError(f"search_history is {type(history).__name__}; it must be a list of objects")
-    history = [_validate_search(index, entry) for index, entry in enumerate(history)]
-    count = state.get("search_count", len(history))
-    if not _count(count) or count < len(history):
-        raise ValueError(
-            f"search_count is {count!r}; it must be an integer >= the {len(history)} searches in search_history"
-        )
-    first_loss = state.get("first_search_loss")  # extrapolate_after_drop's reference; absent in older files
-    if first_loss is not None and not _finite(first_loss):
-        raise ValueError(f"first_search_loss is {first_loss!r}; it must be null or a finite number")
+    search = SearchState.from_dict(state, global_step, epoch)
     settings = state.get("settings")  # the run's XSAM settings and max_steps; absent in older files
     if settings is not None and not isinstance(settings, Mapping):
         raise ValueError(f"settings is {type(settings).__name__}; it must be null or an object")
-    return {
-        "settings": None if settings is None else dict(settings),
-        "alpha": float(alpha),
-        "last_search_step": last_step,
-        "last_search_epoch": last_epoch,
-        "search_count": count,
-        "search_history": history,
-        "first_search_loss": None if first_loss is None else float(first_loss),
-    }
+    return {"settings": None if settings is None else dict(settings), **search.to_dict()}
 
 
 def read_state_file(folder: str, global_step: int | None = None, epoch: float | None = None) -> dict[str, Any]:

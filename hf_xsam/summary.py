@@ -13,6 +13,8 @@ Example:
     optimizer's), plus the searches
     >>> print(describe_run(XSAMConfig(sam_method="sam", sam_start_ratio=0.5, sam_interval=2), max_steps=100))
     SAM, rho 0.05 (1 ascent step); sharpness-aware from step 50 of 100, every 2nd step; 1.25 forward-backward passes per step on average (1.25x the base optimizer's)
+    >>> print(describe_run(XSAMConfig(sam_method="sam", sam_adaptive=True, rho=1.0), max_steps=10))
+    SAM, rho 1 (adaptive ascent, eta 0.01, 1 ascent step); sharpness-aware on every step; 2 forward-backward passes per step on average (2x the base optimizer's)
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def describe_run(config: XSAMConfig, optimizer: Any = None, max_steps: int = 0, 
     if not rule.sharpness_aware:
         return "plain training (sam_method none): the base optimizer alone, one forward-backward pass per step"
     steps = "step" if config.ascent_steps == 1 else "steps"
-    parts = [f"{config.sam_method.upper()}, rho {config.rho:g} ({config.ascent_steps} ascent {steps})"]
+    ascent = f"adaptive ascent, eta {config.sam_adaptive_eta:g}, " if config.sam_adaptive else ""
+    parts = [f"{config.sam_method.upper()}, rho {config.rho:g} ({ascent}{config.ascent_steps} ascent {steps})"]
     if config.searches_alpha:
         grid = config.alpha_grid(optimizer)
         how = "a grid search" if config.alpha_search == "grid" else "a coarse-to-fine search, at most"

@@ -38,6 +38,7 @@ from .config import XSAMConfig
 from .distributed import all_reduce_mean_, forget_unsynchronised_use_
 from .engine import XSAM, XSAMStepStats, check_one_device
 from .model_card import add_xsam_section
+from .parameters import Mode
 from .resume import has_full_weights, load_model_weights
 from .skipping import guard_optimizer_step, nonfinite
 from .state import STATE_NAME, read_state_file, write_state_file
@@ -186,16 +187,17 @@ class XSAMTrainerMixin:
 
     def _xsam_engine(self, model: nn.Module) -> XSAM:
         if self.xsam is None:
-            distributed = self.accelerator.num_processes > 1
+            workers = self.accelerator.num_processes
             # FSDP averages (reduce-scatters) every gradient itself; the engine only sums over shards
-            reduce_gradients = all_reduce_mean_ if distributed and not self.is_fsdp_enabled else None
+            mode = Mode.choose(workers=workers, fsdp=self.is_fsdp_enabled, perturbation=self.args.sam_perturbation)
             self.xsam = XSAM(
                 model.parameters(),
                 self.args,
                 modules=model.modules(),
-                reduce_gradients=reduce_gradients,
-                reduce_losses=(lambda losses: all_reduce_mean_([losses])) if distributed else None,
+                reduce_gradients=all_reduce_mean_ if mode in (Mode.DDP_LOCAL, Mode.DDP_GLOBAL) else None,
+                reduce_losses=(lambda losses: all_reduce_mean_([losses])) if workers > 1 else None,
                 optimizer=self.optimizer,
+                mode=mode,
             )
             if self._xsam_pending_state is not None:
                 for note in self.xsam.load_state_dict(self._xsam_pending_state):
