@@ -88,8 +88,11 @@ class XSAMTrainerMixin:
     args: XSAMConfig
     default_args_class: type = XSAMTrainingArguments
     # Attributes that `compute_loss` may change and that the extra passes must leave as the first pass left them
-    # (see :meth:`xsam_extra_pass`); TRL trainers keep their metrics in `_metrics`.
-    xsam_protected_attributes: tuple[str, ...] = ("_metrics",)
+    # (see :meth:`xsam_extra_pass`); TRL trainers keep their metrics in `_metrics` and count the tokens trained on
+    # in `_total_train_tokens`.
+    xsam_protected_attributes: tuple[str, ...] = ("_metrics", "_total_train_tokens")
+    # Hub tags of the trainer itself, on the model card beside the step rule's (TRL's trainers: "trl" and the method)
+    card_tags: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # the training arguments by name in the parent's signature (the second parameter of Trainer, the third of
@@ -392,20 +395,30 @@ class XSAMTrainerMixin:
     def create_model_card(
         self,
         *args: Any,
+        dataset_name: str | list[str] | None = None,
         model_description: str | None = None,
         intended_uses: str | None = None,
         training_data: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """The Trainer's model card, plus the step rule's tags and a section on the XSAM settings and results.
+        """The model card of `transformers.Trainer`, with ``card_tags``, the step rule's tags, and a section on the
+        XSAM settings and results.
 
-        ``model_description``, ``intended_uses`` and ``training_data`` replace the Trainer's "More information
-        needed" in those sections (see :func:`hf_xsam.model_card.add_xsam_section`).
+        ``args`` and ``kwargs`` are those of `Trainer.create_model_card`. The card is the Trainer's also where the
+        parent class writes another (TRL's trainers): it names the base model where there is one
+        (``finetuned_from``), lists the hyperparameters, and puts the evaluation results into the Hub metadata
+        (``model-index``) when ``tasks`` and ``dataset`` are given. ``dataset_name`` is TRL's name for ``dataset``
+        (TRL's trainers pass it). ``model_description``, ``intended_uses`` and ``training_data`` replace the
+        Trainer's "More information needed" in those sections (see :func:`hf_xsam.model_card.add_xsam_section`).
         """
-        tags = kwargs.pop("tags", None)
+        card = inspect.signature(Trainer.create_model_card).bind(self, *args, **kwargs).arguments
+        del card["self"]
+        tags = card.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        kwargs["tags"] = tags + [tag for tag in self.args.step_rule.tags if tag not in tags]
-        super().create_model_card(*args, **kwargs)
+        card["tags"] = tags + [tag for tag in (*self.card_tags, *self.args.step_rule.tags) if tag not in tags]
+        if dataset_name is not None:
+            card.setdefault("dataset", dataset_name)
+        Trainer.create_model_card(self, **card)
         if self.is_world_process_zero():
             about = {"description": model_description, "uses": intended_uses, "data": training_data}
             add_xsam_section(os.path.join(self.args.output_dir, "README.md"), self, about)

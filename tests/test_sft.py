@@ -285,11 +285,15 @@ def test_hf_xsam_imports_without_trl():
         "import sys; sys.modules['trl'] = None\n"
         "import hf_xsam\n"
         "from hf_xsam import *\n"
-        "assert 'XSAMSFTTrainer' not in hf_xsam.__all__\n"
-        "try:\n    hf_xsam.XSAMSFTTrainer\nexcept ImportError as err:\n    print(err)\n"
+        "assert not {'XSAMSFTTrainer', 'XSAMDPOTrainer'} & set(hf_xsam.__all__)\n"
+        "for name in ('XSAMSFTTrainer', 'XSAMDPOConfig'):\n"
+        "    try:\n        getattr(hf_xsam, name)\n    except ImportError as err:\n        print(err)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "pip install hf_xsam[trl]" in result.stdout
+    assert result.stdout.splitlines() == [
+        f"{name} needs TRL: `pip install hf_xsam[trl]` (or `pip install trl`)"
+        for name in ("XSAMSFTTrainer", "XSAMDPOConfig")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
