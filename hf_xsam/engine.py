@@ -3,12 +3,14 @@
 One call of :meth:`XSAM.step` turns the gradient of one (micro-)batch into the XSAM direction:
 
     w0 = w;  g0 = grad L(w0)                                  (the reported loss)
-    for i in 1..k:  w <- w + (rho / k) g / (||g|| + eps)      (ascent; g the gradient at w)
+    for i in 1..k:  w <- w + (rho / k) g / (||g|| + eps)      (ascent; g the gradient at w; the rule's ascent)
     g_k = grad L(w_k);  v0 = (w_k - w0) / ||w_k - w0||;  v1 = g_k / ||g_k||
     theta = arccos <v0, v1>;  u(alpha) = sin((1-alpha) theta)/sin theta v0 + sin(alpha theta)/sin theta v1
     d = ||g_k|| u(alpha);  w <- w0 (exact copy);  grad <- d
 
-On search steps alpha is the grid value that maximises the loss at ``w0 + rho_max u(alpha)``, found by
+With ``sam_adaptive`` the ascent is ASAM's (:mod:`hf_xsam.ascent`). On search steps alpha is the grid value that
+maximises the loss at ``w0 + rho_max u(alpha)`` (for the adaptive ascent, at the climb's length times
+``rho_max / rho``), found by
 evaluating every grid point (``alpha_search="grid"``) or a coarse pass and a refinement (``"coarse_to_fine"``). With
 ``extrapolate_after_drop`` > 0 (the default) an alpha past 1 is capped (the best searched point at or below 1) until
 the loss has fallen that fraction;
