@@ -2,8 +2,9 @@
 
 Every entry is the flags a configuration gives ``scripts/classify_images.py`` or ``scripts/translate.py`` after the
 task's and the user's. ``benchmarks/study.py`` (every ``--task``), ``benchmarks/translation_study.py``,
-``benchmarks/transfer_study.py`` and ``benchmarks/translation_transfer.py`` name their configurations from it. docs/study.md ("Configuration names")
-lists them.
+``benchmarks/transfer_study.py`` and ``benchmarks/translation_transfer.py`` name their configurations from it;
+``benchmarks/benchmark.py``'s timed steps have names of their own that none of these use (``xsam-nosearch``...),
+and its schedules are entries of this table. docs/study.md ("Configuration names") lists them.
 
 - ``xsam`` is XSAM with the paper's rule: the grid 0..2 searched once per epoch with any optimizer
   (``--alpha_max 2``) and no cap while the loss is high (``--extrapolate_after_drop 0``); ``xsam-default`` is

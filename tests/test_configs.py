@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmark
 import selection
 import study
 import study_report
@@ -69,6 +70,22 @@ def test_xsam_is_the_papers_rule_and_xsam_default_the_packages_in_every_tool(tmp
         assert {flag: used(runs[folder], flag) for flag in PAPER} == PAPER, folder
     for folder in default:  # the package's defaults: nothing pinned
         assert used(runs[folder], "--extrapolate_after_drop") is None and used(runs[folder], "--alpha_max") is None
+
+
+def test_the_benchmarks_schedules_are_configurations_of_the_table():
+    assert "xsam" not in benchmark.CONFIGS  # its XSAM step without a search is xsam-nosearch
+    shared = set(benchmark.CONFIGS) & set(CONFIGS)
+    assert shared == {"sam"}
+    for name in shared:  # the timed step's settings are the configuration's flags
+        assert benchmark.CONFIGS[name][0] == {flag[2:]: value for flag, value in itertools.pairwise(CONFIGS[name])}
+    for name, (unit, plain_share, search) in benchmark.SCHEDULES.items():
+        flags = dict(itertools.pairwise(CONFIGS[name]))
+        settings = benchmark.CONFIGS[unit][0]
+        assert float(flags.get("--sam_start_ratio", 0)) == plain_share, name
+        assert int(flags.get("--sam_interval", 1)) == settings.get("sam_interval", 1), name
+        assert (flags.get("--sam_reuse") == "true") == settings.get("sam_reuse", False), name
+        assert (flags.get("--alpha_search") == "coarse_to_fine") == (search == "xsam-search-coarse"), name
+        assert flags["--extrapolate_after_drop"] == "0" and flags["--alpha_max"] == "2", name  # the paper's rule
 
 
 def test_docs_give_every_name_its_flags():
