@@ -43,12 +43,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from configs import CONFIGS, grid_top, parse_configs, rho_free
-from tasks import TASKS
+from tasks import TASKS, Task
 
 __all__ = ["study_settings", "script_flags", "run_one", "write_summary", "main"]
 
 
-def study_settings(task, names: list[str], configs: dict, seeds: list[int], label_noise: list, rhos: list) -> dict:
+def study_settings(
+    task: Task, names: list[str], configs: dict, seeds: list[int], label_noise: list, rhos: list
+) -> dict:
     """Every run of a study, by its folder name: seed by seed, every setting and configuration in turn, so that an
     interrupted study has fewer seeds, not fewer settings."""
     settings: dict[str, dict] = {}
@@ -60,7 +62,7 @@ def study_settings(task, names: list[str], configs: dict, seeds: list[int], labe
     return settings
 
 
-def script_flags(task, setting: dict, configs: dict, data: list[str], extra: list[str], out: Path) -> list[str]:
+def script_flags(task: Task, setting: dict, configs: dict, data: list[str], extra: list[str], out: Path) -> list[str]:
     """The script's flags for one run: the data, the task's defaults, the user's flags, what the report needs, the
     configuration's flags, the setting's (seed, rho unless the configuration has none, label noise) and the folder."""
     values = [
@@ -73,7 +75,7 @@ def script_flags(task, setting: dict, configs: dict, data: list[str], extra: lis
     return [*data, *task.defaults, *extra, *task.study_flags, *config, *values, "--output_dir", str(out)]
 
 
-def run_one(task, setting: dict, flags: list[str], out: Path) -> dict:
+def run_one(task: Task, setting: dict, flags: list[str], out: Path) -> dict:
     """Train and evaluate once, or read the recorded result."""
     if (out / "study_run.json").exists():
         return task.recorded(out)
@@ -82,8 +84,8 @@ def run_one(task, setting: dict, flags: list[str], out: Path) -> dict:
 
 
 def write_summary(
-    task, command: str, results: list[dict], order: list[str], configs: dict, grid_end: dict, stem: Path
-):
+    task: Task, command: str, results: list[dict], order: list[str], configs: dict, grid_end: dict, stem: Path
+) -> str:
     """Write the finished runs (``stem``.json), their tables (.md, returned) and the task's figures."""
     text = f"`{command}`\n\n{task.summary(results, order, configs, grid_end)}"
     Path(f"{stem}.json").write_text(json.dumps({"command": command, "runs": results}))
@@ -92,8 +94,8 @@ def write_summary(
     return text
 
 
-def _parse(argv: list[str], task: str | None, program: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=program, description=__doc__.split("\n")[0])
+def _parse(argv: list[str], task: str | None, program: str, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=program, description=description)
     if task is None:
         parser.add_argument("--task", choices=list(TASKS), required=True)
     parser.add_argument(
@@ -120,10 +122,16 @@ def _parse(argv: list[str], task: str | None, program: str) -> argparse.Namespac
     return options
 
 
-def main(argv: list[str] | None = None, task: str | None = None, program: str = "benchmarks/study.py") -> None:
-    """Run a study; ``task`` fixes ``--task`` (then not a flag), ``program`` is the tool named in the summaries."""
+def main(
+    argv: list[str] | None = None,
+    fixed_task: str | None = None,
+    program: str = "benchmarks/study.py",
+    description: str = __doc__.split("\n")[0],
+) -> None:
+    """Run a study; ``fixed_task`` fixes ``--task`` (then not a flag), ``program`` is the tool named in the summaries
+    and ``description`` its help's."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    options = _parse(argv, task, program)
+    options = _parse(argv, fixed_task, program, description)
     task = TASKS[options.task]
     configs = {**CONFIGS, **parse_configs(options.config)}
     names = options.methods + [name for name in configs if name not in CONFIGS and name not in options.methods]

@@ -28,7 +28,15 @@ from typing import ClassVar
 import study_report
 from selection import logged_cost, run_script
 
-__all__ = ["TASKS", "MULTI30K_FILES", "ImageTask", "TranslationTask", "image_run_name", "translation_run_name"]
+__all__ = [
+    "TASKS",
+    "MULTI30K_FILES",
+    "Task",
+    "ImageTask",
+    "TranslationTask",
+    "image_run_name",
+    "translation_run_name",
+]
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 # the Multi30k release as JSON lines ({"translation": {"de": ..., "en": ...}}), in the folder --data_dir names
@@ -259,7 +267,9 @@ class TranslationTask:
         study_report.plot_bleu(results, order, Path(f"{stem}.png"))
 
 
-TASKS = {
+Task = ImageTask | TranslationTask
+
+TASKS: dict[str, Task] = {
     # the script's embedded digits and ViT; no augmentation or dropout, so that AdamW can memorise the noise
     "digits": ImageTask("digits", ["--min_crop_scale", "1", "--dropout", "0", "--eval_train_samples", "500"]),
     "cifar10": ImageTask(

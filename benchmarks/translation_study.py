@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    study.main(argv, task="multi30k", program="benchmarks/translation_study.py")
+    study.main(argv, "multi30k", "benchmarks/translation_study.py", __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
