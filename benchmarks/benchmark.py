@@ -8,8 +8,11 @@ Every configuration gets its own `XSAMTrainer` over its own copy of the same mod
 that drifting load from other processes hits them alike; the figures are medians over rounds, and each ratio
 is the median of per-round ratios (paired). CPU times come from ``perf_counter``, CUDA times from events.
 
-The alpha search runs on few steps (the paper: once per epoch), so the median of a run would hide it; it is
-timed on its own (``xsam-search`` searches on every step) and amortised over ``--search-every`` steps.
+The alpha search runs on few steps (the paper: once per epoch), so the median of a run would hide it: XSAM's step is
+timed without it (``xsam-nosearch`` searches on its first, warm-up step only), the search on its own
+(``xsam-search`` searches on every step), and the two are combined as ``xsam-amortised``, one search every
+``--search-every`` steps. These names are the timed steps'; ``SCHEDULES`` costs configurations of
+benchmarks/configs.py (``xsam`` there is the paper's schedule) from them.
 
 Memory runs each configuration in a fresh process (peak RSS is per process): peak RSS or CUDA max
 allocated, and the bytes held by live tensors between steps, whose excess over the base optimizer is what
@@ -31,9 +34,10 @@ Usage (the README's tables; the GPU check; a change to the step against the comm
     python benchmarks/benchmark.py --rounds 80 --profile --json outputs/benchmark_small.json
     python benchmarks/benchmark.py --size large --rounds 6 --warmup 1 --profile --json outputs/benchmark_large.json
     python benchmarks/benchmark.py --device cuda --bf16 --tasks vit --size base --search-every 400 \
-        --configs base sam xsam xsam-search --memory-configs base sam xsam xsam-search --json outputs/gpu.json
+        --configs base sam xsam-nosearch xsam-search --memory-configs base sam xsam-nosearch xsam-search \
+        --json outputs/gpu.json
     git worktree add /tmp/before HEAD~1 && python benchmarks/benchmark.py --tasks vit --no-memory \
-        --configs base base-2pass sam xsam xsam-search --reference /tmp/before
+        --configs base base-2pass sam xsam-nosearch xsam-search --reference /tmp/before
 
 Produces: docs/benchmarks.md (step time and memory; the skip guard; the cheap schedules), docs/search.md (the search's cost), docs/gpu.md.
 """
@@ -75,7 +79,7 @@ CONFIGS = {
     "base": ({"sam_method": "none"}, 1, 1, 1),
     "base-2pass": ({"sam_method": "none"}, 2, 1, 1),
     "sam": ({"sam_method": "sam"}, 1, 1, 1),
-    "xsam": ({"sam_method": "xsam", "alpha_search_interval": NEVER}, 1, 1, 1),
+    "xsam-nosearch": ({"sam_method": "xsam", "alpha_search_interval": NEVER}, 1, 1, 1),
     "xsam-search": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 1, 1),
     "xsam-search-coarse": (
         {"sam_method": "xsam", "alpha_search_interval": 1, "alpha_search": "coarse_to_fine"},
@@ -107,13 +111,14 @@ CONFIGS = {
     "sam-adamw-unguarded": ({"sam_method": "sam", "optim": "adamw_torch"}, 1, 1, 1),
 }
 GUARDED = {"sam": "sam-unguarded", "sam-adamw": "sam-adamw-unguarded"}  # ratios guarded / unguarded
-# the cheap schedules of benchmarks/study.py, per step over a whole run: (timed configuration, share of plain steps
-# at the start (sam_start_ratio), the search's timed configuration, amortised over --search-every steps)
+# configurations of benchmarks/configs.py (the studies' names), per step over a whole run: (timed configuration,
+# share of plain steps at the start (sam_start_ratio), the search's timed configuration, amortised over
+# --search-every steps)
 SCHEDULES = {
-    "xsam": ("xsam", 0.0, "xsam-search"),
-    "xsam-c2f": ("xsam", 0.0, "xsam-search-coarse"),
-    "xsam-late50": ("xsam", 0.5, "xsam-search-coarse"),
-    "xsam-late75": ("xsam", 0.75, "xsam-search-coarse"),
+    "xsam": ("xsam-nosearch", 0.0, "xsam-search"),
+    "xsam-c2f": ("xsam-nosearch", 0.0, "xsam-search-coarse"),
+    "xsam-late50": ("xsam-nosearch", 0.5, "xsam-search-coarse"),
+    "xsam-late75": ("xsam-nosearch", 0.75, "xsam-search-coarse"),
     "xsam-late50-i2": ("xsam-interval2", 0.5, "xsam-search-coarse"),
     "xsam-late50-i2-reuse": ("xsam-interval2-reuse", 0.5, "xsam-search-coarse"),
     "xsam-i2-reuse": ("xsam-interval2-reuse", 0.0, "xsam-search-coarse"),
@@ -124,7 +129,7 @@ TIMED = [
     "base",
     "base-2pass",
     "sam",
-    "xsam",
+    "xsam-nosearch",
     "xsam-search",
     "xsam-search-coarse",
     "xsam-interval2",
@@ -342,19 +347,19 @@ def paired_difference(times: dict[str, list[float]], a: str, b: str) -> float:
 def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
     """Medians, ratios and the decomposition of a SAM step into passes, optimizer and XSAM arithmetic (paired).
 
-    ``times`` needs "base", "sam", "xsam" and "xsam-search"; the figures that need other configurations
+    ``times`` needs "base", "sam", "xsam-nosearch" and "xsam-search"; the figures that need other configurations
     ("base-2pass", "sam-k2", "xsam-k2") are left out when those were not timed.
     """
     times = dict(times)
-    for base_name, name in (("xsam", "xsam-amortised"), ("xsam-k2", "xsam-k2-amortised")):
+    for base_name, name in (("xsam-nosearch", "xsam-amortised"), ("xsam-k2", "xsam-k2-amortised")):
         if base_name in times:
             times[name] = [
                 t + (search - plain) / search_every
-                for t, search, plain in zip(times[base_name], times["xsam-search"], times["xsam"])
+                for t, search, plain in zip(times[base_name], times["xsam-search"], times["xsam-nosearch"])
             ]
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {f"{name}/base": paired_ratio(times, name, "base") for name in times if name != "base"}
-    for num, den in (("xsam", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2")):
+    for num, den in (("xsam-nosearch", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2")):
         if num in times and den in times:
             ratios[f"{num}/{den}"] = paired_ratio(times, num, den)
     for guarded, unguarded in GUARDED.items():
@@ -362,7 +367,7 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
             ratios[f"{guarded}/{unguarded}"] = paired_ratio(times, guarded, unguarded)
     for name in [name for name in times if name + REFERENCE in times]:
         ratios[f"{name}/{name}{REFERENCE}"] = paired_ratio(times, name, name + REFERENCE)
-    search_extra = paired_difference(times, "xsam-search", "xsam")
+    search_extra = paired_difference(times, "xsam-search", "xsam-nosearch")
     decomposition = {"search": search_extra}
     if "base-2pass" in times:
         one_pass = paired_difference(times, "base-2pass", "base")
@@ -381,7 +386,9 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
         "decomposition_s": decomposition,
         # one search, in SAM steps (median of per-round (search step - plain step) / SAM step)
         "search_sam_steps": {
-            strategy: statistics.median((s - x) / m for s, x, m in zip(times[name], times["xsam"], times["sam"]))
+            strategy: statistics.median(
+                (s - x) / m for s, x, m in zip(times[name], times["xsam-nosearch"], times["sam"])
+            )
             for strategy, name in (("grid", "xsam-search"), ("coarse_to_fine", "xsam-search-coarse"))
             if name in times
         },
@@ -395,11 +402,11 @@ def schedule_costs(times: dict[str, list[float]], search_every: int) -> dict[str
     interquartile range of the per-round values ``(r base + (1 - r) (step + search / search_every)) / base``."""
     costs = {}
     for name, (config, plain_share, search) in SCHEDULES.items():
-        if not all(n in times for n in (config, search, "xsam", "base")):
+        if not all(n in times for n in (config, search, "xsam-nosearch", "base")):
             continue
         per_round = sorted(
             (plain_share * b + (1 - plain_share) * (t + (s - x) / search_every)) / b
-            for b, t, s, x in zip(times["base"], times[config], times[search], times["xsam"])
+            for b, t, s, x in zip(times["base"], times[config], times[search], times["xsam-nosearch"])
         )
         q1, median, q3 = statistics.quantiles(per_round, n=4)
         costs[name] = (median, q1, q3)
@@ -495,7 +502,7 @@ def summarise_memory(memory: dict[str, dict]) -> dict:
 def profile_step(task: Task, steps: int, setup: Setup) -> dict:
     """Where an XSAM step's time goes outside forward/backward, from the torch profiler's top-level ranges."""
     with tempfile.TemporaryDirectory() as tmp:
-        runner = make_runner(task, "xsam", tmp, setup, trainer_class=ProfiledXSAMTrainer)
+        runner = make_runner(task, "xsam-nosearch", tmp, setup, trainer_class=ProfiledXSAMTrainer)
         for _ in range(3):
             runner.unit()
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -562,7 +569,14 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
     lines += ["", f"Search amortised over {timing['search_every']} steps."]
     versus_reference = [key for key in ratios if key.endswith(REFERENCE)]
     guards = [f"{guarded}/{unguarded}" for guarded, unguarded in GUARDED.items()]
-    for key in ("sam/base", "xsam/sam", "xsam-amortised/sam", "xsam-k2-amortised/sam-k2", *guards, *versus_reference):
+    for key in (
+        "sam/base",
+        "xsam-nosearch/sam",
+        "xsam-amortised/sam",
+        "xsam-k2-amortised/sam-k2",
+        *guards,
+        *versus_reference,
+    ):
         if key in ratios:
             median, q1, q3 = ratios[key]
             lines.append(f"- {key}: {median:.3f} (IQR {q1:.3f}-{q3:.3f})")
@@ -619,7 +633,7 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         choices=list(CONFIGS),
         default=TIMED,
-        help="timed configurations (at least base sam xsam xsam-search)",
+        help="timed configurations (at least base sam xsam-nosearch xsam-search)",
     )
     parser.add_argument(
         "--memory-configs",

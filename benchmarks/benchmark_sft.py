@@ -7,8 +7,8 @@ its own `XSAMSFTTrainer` over its own copy of the model; after warm-up the confi
 fresh random order every round, and each ratio is the median of per-round ratios (see ``benchmark.py``). One
 unit is one optimizer step: ``training_step``, clipping, ``optimizer.step``, ``zero_grad``.
 
-``xsam`` searches alpha on its first (warm-up) step only; ``xsam-search`` searches on every step, and its
-excess over ``xsam`` is the cost of one search (the paper searches once per epoch).
+``xsam-nosearch`` searches alpha on its first (warm-up) step only; ``xsam-search`` searches on every step, and its
+excess over ``xsam-nosearch`` is the cost of one search (the paper searches once per epoch).
 
 Memory: the bytes of the engine's saved copy against those of the trainable (LoRA) parameters and of the
 whole model, and the bytes of live tensors each configuration adds by its first steps (optimizer state, saved
@@ -45,7 +45,7 @@ NEVER = 10**9
 CONFIGS = {
     "none": {"sam_method": "none"},
     "sam": {"sam_method": "sam"},
-    "xsam": {"sam_method": "xsam", "alpha_search_interval": NEVER},
+    "xsam-nosearch": {"sam_method": "xsam", "alpha_search_interval": NEVER},
     "xsam-search": {"sam_method": "xsam", "alpha_search_interval": 1},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -146,8 +146,8 @@ def main() -> None:
             order.shuffle(names)
             for name in names:
                 times[name].append(clock(lambda: unit(trainers[name], batch)))
-        engine = trainers["xsam"].xsam
-        peft_model = trainers["xsam"].model
+        engine = trainers["xsam-nosearch"].xsam
+        peft_model = trainers["xsam-nosearch"].model
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         sizes = {
             "model_parameters": sum(p.numel() for p in peft_model.parameters()),
@@ -159,7 +159,12 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {
         f"{a}/{b}": paired_ratio(times, a, b)
-        for a, b in (("sam", "none"), ("xsam", "none"), ("xsam", "sam"), ("xsam-search", "xsam"))
+        for a, b in (
+            ("sam", "none"),
+            ("xsam-nosearch", "none"),
+            ("xsam-nosearch", "sam"),
+            ("xsam-search", "xsam-nosearch"),
+        )
     }
     live = {name: value - memory["none"] for name, value in memory.items()}
     result = {

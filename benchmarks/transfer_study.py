@@ -14,6 +14,10 @@ mean final validation accuracy over the seeds. The report gives every run's vali
 accuracy of the chosen settings with their cost and the same-seed differences against AdamW. Finished runs are
 skipped, so an interrupted study continues where it stopped. Results: ``NAME.json`` (all runs) and ``NAME.md``.
 
+``--configs`` names configurations of benchmarks/configs.py; by default ``adamw``, ``sam``, ``xsam-default`` (XSAM as
+a user gets it, the package's defaults) and ``xsam-late50-i2-reuse`` (the README's cheap schedule). Runs recorded
+before that table under the names ``xsam`` and ``cheap`` are read, and found again, as these two.
+
 Example (docs/transfer.md):
     python benchmarks/transfer_study.py --data_dir CIFAR10_DIR --model VIT_CIFAR5 \\
         --sizes 50 --seeds 0 1 2 --jobs 2 --output_dir runs/transfer --name transfer -- --num_train_epochs 20
@@ -23,15 +27,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from selection import choose, groups, mean, mean_std, relative_cost, run_flags, run_name, run_script
+from configs import CONFIGS, TRANSFER_CHOICES, TRANSFER_DEFAULTS
+from selection import (
+    baseline,
+    chosen,
+    cost_versus_adamw,
+    current_names,
+    groups,
+    logged_cost,
+    lr_settings,
+    mean,
+    mean_std,
+    rho_settings,
+    run_flags,
+    run_folder,
+    run_script,
+    versus_adamw,
+)
 
 __all__ = [
-    "CONFIGS",
     "TARGET_CLASSES",
     "draw_splits",
     "summarize_run",
@@ -43,29 +61,6 @@ __all__ = [
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "classify_images.py"
 # CIFAR-10's labels 5..9, the classes a checkpoint pretrained on labels 0..4 has not seen
 TARGET_CLASSES = {5: "dog", 6: "frog", 7: "horse", 8: "ship", 9: "truck"}
-# the configurations compared, by name: the script's flags for each
-CONFIGS = {
-    "adamw": ["--sam_method", "none"],
-    "sam": ["--sam_method", "sam"],
-    "xsam": ["--sam_method", "xsam"],  # the package's defaults
-    # the README's cheap schedule: half the run plain, then every second step sharpness-aware, with reuse
-    "cheap": [
-        "--sam_method",
-        "xsam",
-        "--sam_start_ratio",
-        "0.5",
-        "--sam_interval",
-        "2",
-        "--sam_reuse",
-        "true",
-        "--alpha_search",
-        "coarse_to_fine",
-        "--extrapolate_after_drop",
-        "0",
-    ],
-    # every second step sharpness-aware from the start, no reuse
-    "xsam-i2": ["--sam_method", "xsam", "--sam_interval", "2"],
-}
 FINE_TUNE_FLAGS = [
     "--ignore_mismatched_sizes",
     "--do_train",
@@ -142,9 +137,8 @@ def summarize_run(log_history: list[dict], results: dict) -> dict:
     trains = [entry for entry in log_history if "loss" in entry]
     val = [entry["eval_accuracy"] for entry in evals]
     best = max(range(len(val)), key=val.__getitem__) if val else None
-    passes = [entry["xsam/passes"] for entry in trains if "xsam/passes" in entry]
+    passes, searches = logged_cost(trains) or (1.0, 0.0)
     sharpness = [entry["xsam/sharpness"] for entry in trains if "xsam/sharpness" in entry]
-    searches = [entry.get("xsam/search_forwards", 0.0) for entry in trains if "xsam/passes" in entry]
     alphas = [entry["xsam/alpha"] for entry in trains if "xsam/alpha" in entry]
     return {
         "val_curve": val,
@@ -154,8 +148,8 @@ def summarize_run(log_history: list[dict], results: dict) -> dict:
         "train_loss": [entry["loss"] for entry in trains],
         "alpha": alphas,
         "sharpness": sharpness,
-        "passes_per_step": statistics.fmean(passes) if passes else 1.0,
-        "search_forwards_per_step": statistics.fmean(searches) if searches else 0.0,
+        "passes_per_step": passes,
+        "search_forwards_per_step": searches,
         "test_accuracy": results["predict_accuracy"],
         "train_runtime": results.get("train_runtime"),
     }
@@ -167,16 +161,16 @@ def run_one(setting: dict, splits: dict[str, Path], model: str, extra: list[str]
     record_path = out / "study_run.json"
     if not record_path.exists():
         wall = _fine_tune(setting, splits, model, extra, out)
-        record_path.write_text(json.dumps({**setting, "wall_s": wall}, indent=1))
+        record_path.write_text(json.dumps({**setting, "flags": CONFIGS[setting["config"]], "wall_s": wall}, indent=1))
     return read_record(out)
 
 
 def read_record(out: Path) -> dict:
-    """The record of the finished run in ``out``."""
+    """The record of the finished run in ``out``, its configuration under today's name."""
     record_path, model_dir = out / "study_run.json", out / "model"
     state = json.loads((model_dir / "trainer_state.json").read_text())
     results = json.loads((model_dir / "all_results.json").read_text())
-    record = {**json.loads(record_path.read_text()), **summarize_run(state["log_history"], results)}
+    record = {**current_names(json.loads(record_path.read_text())), **summarize_run(state["log_history"], results)}
     return {**record, "steps": state["global_step"]}
 
 
@@ -208,34 +202,14 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
         "passes/step | cost vs AdamW | wall s |"
     ]
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    by_setting = groups(runs)
     for size in sizes:
-        baseline_key = choose(runs, size, "adamw")
-        baseline = (
-            {run["seed"]: run for run in by_setting.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
-        )
-        base_cost = mean([relative_cost(run) for run in baseline.values()]) if baseline else None
-        for config in configs:
-            key = choose(runs, size, config)
-            if key is None:
-                continue
-            group = by_setting[(size, config, *key)]
-            diffs = [
-                run["test_accuracy"] - baseline[run["seed"]]["test_accuracy"]
-                for run in group
-                if run["seed"] in baseline
-            ]
-            diff = (
-                f"{mean(diffs):+.3f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
-                if diffs and config != "adamw"
-                else ""
-            )
-            cost = mean([relative_cost(run) for run in group])
+        adamw = baseline(runs, size)
+        for config, (lr, rho), group in chosen(runs, size, configs):
             lines.append(
-                f"| {size} | {config} | {key[0]:g} | {'' if key[1] is None else f'{key[1]:g}'} | {len(group)} | "
-                f"{mean_std([run['test_accuracy'] for run in group])} | {diff} | "
-                f"{mean([run['passes_per_step'] for run in group]):.2f} | "
-                f"{cost / base_cost if base_cost else float('nan'):.2f}x | "
+                f"| {size} | {config} | {lr:g} | {'' if rho is None else f'{rho:g}'} | {len(group)} | "
+                f"{mean_std([run['test_accuracy'] for run in group])} | "
+                f"{versus_adamw(group, adamw, 'test_accuracy', 3)} | "
+                f"{mean([run['passes_per_step'] for run in group]):.2f} | {cost_versus_adamw(group, adamw)} | "
                 f"{mean([run['wall_s'] for run in group]):.0f} |"
             )
     lines += ["", "## What the chosen settings did in training (means over the seeds)", ""]
@@ -243,11 +217,7 @@ def report(runs: list[dict], sizes: list[int], configs: list[str]) -> str:
               "last epoch | alpha, mean (range) |"]  # fmt: skip
     lines += ["| --- | --- | --- | --- | --- | --- |"]
     for size in sizes:
-        for config in configs:
-            key = choose(runs, size, config)
-            if key is None:
-                continue
-            group = by_setting[(size, config, *key)]
+        for config, _, group in chosen(runs, size, configs):
             gap = mean([run["val_best"] - run["val_final"] for run in group])
             sharp = [run["sharpness"] for run in group if run.get("sharpness")]
             sharpness = f"{mean([s[0] for s in sharp]):.3f} → {mean([s[-1] for s in sharp]):.3f}" if sharp else ""
@@ -269,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[50], help="training images per class")
     parser.add_argument("--val_per_class", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", default=TRANSFER_DEFAULTS, choices=TRANSFER_CHOICES, help="AdamW and others"
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="AdamW's learning rates")
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
@@ -282,20 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     runs = {path.parent.name: read_record(path.parent) for path in sorted(args.output_dir.glob("*/study_run.json"))}
 
     def execute(settings: list[dict]) -> None:
+        folders = [run_folder(args.output_dir, setting) for setting in settings]
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [
-                pool.submit(
-                    run_one,
-                    setting,
-                    splits[(setting["size"], setting["seed"])],
-                    args.model,
-                    extra,
-                    args.output_dir / run_name(**setting),
-                )
-                for setting in settings
+                pool.submit(run_one, setting, splits[(setting["size"], setting["seed"])], args.model, extra, folder)
+                for setting, folder in zip(settings, folders)
             ]
-            for setting, future in zip(settings, futures):
-                runs[run_name(**setting)] = future.result()
+            for folder, future in zip(folders, futures):
+                runs[folder.name] = future.result()
                 write()
 
     def write() -> None:
@@ -317,29 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds
     }
     # AdamW's learning rate first, then rho at that learning rate for each sharpness-aware configuration
-    execute(
-        [
-            {"size": size, "config": "adamw", "lr": lr, "rho": None, "seed": seed}
-            for size in args.sizes
-            for lr in args.lrs
-            for seed in args.seeds
-        ]
-    )
-    execute(
-        [
-            {
-                "size": size,
-                "config": config,
-                "lr": choose(list(runs.values()), size, "adamw")[0],
-                "rho": rho,
-                "seed": seed,
-            }
-            for size in args.sizes
-            for rho in args.rhos
-            for config in configs[1:]
-            for seed in args.seeds
-        ]
-    )
+    execute(lr_settings(args.sizes, args.lrs, args.seeds))
+    execute(rho_settings(list(runs.values()), args.sizes, configs[1:], args.rhos, args.seeds))
     write()
     print((args.output_dir / f"{args.name}.md").read_text())
 

@@ -33,23 +33,35 @@ import argparse
 import json
 import random
 import shutil
-import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from num2words import num2words
 
-from selection import choose, groups, mean, mean_std, relative_cost, run_flags, run_name, run_script
-from transfer_study import CONFIGS as TRANSFER_CONFIGS
+from configs import CONFIGS, TRANSFER_CHOICES, TRANSFER_DEFAULTS
+from selection import (
+    baseline,
+    chosen,
+    cost_versus_adamw,
+    current_names,
+    groups,
+    logged_cost,
+    lr_settings,
+    mean,
+    mean_std,
+    rho_settings,
+    run_flags,
+    run_folder,
+    run_script,
+    versus_adamw,
+)
 
-__all__ = ["CONFIGS", "TEST_SEED", "draw_numbers", "draw_splits", "summarize_run", "report", "main"]
+__all__ = ["TEST_SEED", "draw_numbers", "draw_splits", "summarize_run", "report", "main"]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "translate.py"
 SOURCE, TARGET = "en", "es"
 TEST_SEED = 1_000_003  # the test numbers are the same for every seed and size
-# AdamW, SAM, XSAM with the package's defaults, and the README's cheap schedule
-CONFIGS = {name: TRANSFER_CONFIGS[name] for name in ("adamw", "sam", "xsam", "cheap")}
 # the common flags of every fine-tuning run; the flags after ``--`` come last and override them
 FINE_TUNE_FLAGS = [
     "--source_lang",
@@ -147,16 +159,15 @@ def score_pretrained(model: Path, test_file: Path, out: Path, extra: list[str]) 
 def summarize_run(log_history: list[dict], results: dict) -> dict:
     """Scores and costs of one run from its ``trainer_state.json`` log and ``all_results.json``."""
     trains = [entry for entry in log_history if "loss" in entry]
-    passes = [entry["xsam/passes"] for entry in trains if "xsam/passes" in entry]
-    searches = [entry.get("xsam/search_forwards", 0.0) for entry in trains if "xsam/passes" in entry]
+    passes, searches = logged_cost(trains) or (1.0, 0.0)
     return {
         "val_curve": [entry["eval_bleu"] for entry in log_history if "eval_bleu" in entry],
         "val_final": results["eval_bleu"],
         "val_chrf": results["eval_chrf"],
         "train_loss": [entry["loss"] for entry in trains],
         "alpha": [entry["xsam/alpha"] for entry in trains if "xsam/alpha" in entry],
-        "passes_per_step": statistics.fmean(passes) if passes else 1.0,
-        "search_forwards_per_step": statistics.fmean(searches) if searches else 0.0,
+        "passes_per_step": passes,
+        "search_forwards_per_step": searches,
         "test_bleu": results["predict_bleu"],
         "test_chrf": results["predict_chrf"],
         "train_runtime": results.get("train_runtime"),
@@ -164,10 +175,11 @@ def summarize_run(log_history: list[dict], results: dict) -> dict:
 
 
 def run_one(setting: dict, splits: dict[str, Path], model: Path, extra: list[str], out: Path) -> dict:
-    """Fine-tune once (or read the finished run's record) and return the run's record."""
+    """Fine-tune once (or read the finished run's record, its configuration under today's name) and return the
+    run's record."""
     record_path = out / "study_run.json"
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        return current_names(json.loads(record_path.read_text()))
     model_dir = out / "model"
     shutil.rmtree(model_dir, ignore_errors=True)  # what an interrupted run left behind
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +187,8 @@ def run_one(setting: dict, splits: dict[str, Path], model: Path, extra: list[str
     wall = run_script(SCRIPT, [*flags, *extra], out / "log.txt")
     state = json.loads((model_dir / "trainer_state.json").read_text())
     results = json.loads((model_dir / "all_results.json").read_text())
-    record = {**setting, **summarize_run(state["log_history"], results), "wall_s": wall, "steps": state["global_step"]}
+    record = {**setting, "flags": CONFIGS[setting["config"]], **summarize_run(state["log_history"], results)}
+    record |= {"wall_s": wall, "steps": state["global_step"]}
     for heavy in model_dir.glob("*.safetensors"):
         heavy.unlink()  # the study keeps the numbers, not the weights
     record_path.write_text(json.dumps(record, indent=1))
@@ -187,8 +200,7 @@ def report(runs: list[dict], sizes: list[int], configs: list[str], pretrained: d
     lines = ["## Validation BLEU of every setting (the choices are made here)", ""]
     lines += ["| training pairs | configuration | lr | rho | seeds | val BLEU | val chrF |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
-    by_setting = groups(runs)
-    for (size, config, lr, rho), group in by_setting.items():
+    for (size, config, lr, rho), group in groups(runs).items():
         lines.append(
             f"| {size} | {config} | {lr:g} | {'' if rho is None else f'{rho:g}'} | {len(group)} | "
             f"{mean_std([run['val_final'] for run in group], 2)} | {mean_std([run['val_chrf'] for run in group], 2)} |"
@@ -206,30 +218,17 @@ def report(runs: list[dict], sizes: list[int], configs: list[str], pretrained: d
     ]
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size in sizes:
-        baseline_key = choose(runs, size, "adamw")
-        baseline = (
-            {run["seed"]: run for run in by_setting.get((size, "adamw", *baseline_key), [])} if baseline_key else {}
-        )
-        base_cost = mean([relative_cost(run) for run in baseline.values()]) if baseline else None
-        for config in configs:
-            key = choose(runs, size, config)
-            if key is None:
-                continue
-            group = by_setting[(size, config, *key)]
-            cells = []
-            for metric in ("test_bleu", "test_chrf"):
-                diffs = [run[metric] - baseline[run["seed"]][metric] for run in group if run["seed"] in baseline]
-                diff = (
-                    f"{mean(diffs):+.2f} ({sum(d > 0 for d in diffs)} of {len(diffs)})"
-                    if diffs and config != "adamw"
-                    else ""
-                )
-                cells += [mean_std([run[metric] for run in group], 2), diff]
-            cost = mean([relative_cost(run) for run in group])
+        adamw = baseline(runs, size)
+        for config, (lr, rho), group in chosen(runs, size, configs):
+            cells = [
+                cell
+                for metric in ("test_bleu", "test_chrf")
+                for cell in (mean_std([run[metric] for run in group], 2), versus_adamw(group, adamw, metric, 2))
+            ]
             lines.append(
-                f"| {size} | {config} | {key[0]:g} | {'' if key[1] is None else f'{key[1]:g}'} | {len(group)} | "
+                f"| {size} | {config} | {lr:g} | {'' if rho is None else f'{rho:g}'} | {len(group)} | "
                 f"{' | '.join(cells)} | {mean([run['passes_per_step'] for run in group]):.2f} | "
-                f"{cost / base_cost if base_cost else float('nan'):.2f}x | {mean([run['wall_s'] for run in group]):.0f} |"
+                f"{cost_versus_adamw(group, adamw)} | {mean([run['wall_s'] for run in group]):.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -245,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_pairs", type=int, default=100)
     parser.add_argument("--test_pairs", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", default=TRANSFER_DEFAULTS, choices=TRANSFER_CHOICES, help="AdamW and others"
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[7e-4, 1e-3, 1.4e-3], help="AdamW's learning rates")
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.01, 0.05])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     test_file = next(iter(splits.values()))["test"]
     pretrained = score_pretrained(model, test_file, args.output_dir / "before-fine-tuning", extra)
     # runs of earlier invocations in the same --output_dir count too (another size, more rhos)
-    runs = [json.loads(path.read_text()) for path in sorted(args.output_dir.glob("n*/study_run.json"))]
+    runs = [current_names(json.loads(path.read_text())) for path in sorted(args.output_dir.glob("n*/study_run.json"))]
 
     def write() -> None:
         (args.output_dir / f"{args.name}.json").write_text(json.dumps({"not_fine_tuned": pretrained, "runs": runs}))
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                     splits[(setting["size"], setting["seed"])],
                     model,
                     extra,
-                    args.output_dir / run_name(**setting),
+                    run_folder(args.output_dir, setting),
                 )
                 for setting in settings
             ]
@@ -294,23 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                 write()
 
     # AdamW's learning rate first, then rho at that learning rate for each sharpness-aware configuration
-    execute(
-        [
-            {"size": size, "config": "adamw", "lr": lr, "rho": None, "seed": seed}
-            for size in args.sizes
-            for lr in args.lrs
-            for seed in args.seeds
-        ]
-    )
-    execute(
-        [
-            {"size": size, "config": config, "lr": choose(runs, size, "adamw")[0], "rho": rho, "seed": seed}
-            for size in args.sizes
-            for rho in args.rhos
-            for config in configs[1:]
-            for seed in args.seeds
-        ]
-    )
+    execute(lr_settings(args.sizes, args.lrs, args.seeds))
+    execute(rho_settings(runs, args.sizes, configs[1:], args.rhos, args.seeds))
     write()
     print(report(runs, sorted({run["size"] for run in runs}), configs, pretrained))
 

@@ -9,9 +9,11 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Value
 
 import classify_images
+import selection
 import study
 from helpers import TINY_VIT
 from label_noise import add_label_noise
+from tasks import image_run_name
 
 
 def labelled(n: int, num_classes: int = 10) -> Dataset:
@@ -117,7 +119,7 @@ def fake_training(calls):
 
 def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(study.subprocess, "run", fake_training(calls))
+    monkeypatch.setattr(selection.subprocess, "run", fake_training(calls))
     argv = [
         "--task",
         "digits",
@@ -166,7 +168,7 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
 
     study.main(argv)
     assert len(calls) == 8  # every run was recorded: nothing trains again
-    (tmp_path / study.run_name(0.5, 0.05, "none", 1) / "study_run.json").unlink()
+    (tmp_path / image_run_name(0.5, 0.05, "none", 1) / "study_run.json").unlink()
     study.main([*argv[:-3], "--report_only"])
     assert len(calls) == 8 and len(json.loads((tmp_path / "tiny.json").read_text())["runs"]) == 7
     study.main(argv)
@@ -201,5 +203,5 @@ def test_study_runs_the_script_end_to_end(tmp_path):
     assert len(run["curve"]) == len(run["train_curve"]) == len(run["alpha"]) == 2
     assert run["final_accuracy"] == run["curve"][-1] and 1 <= run["best_epoch"] <= 2
     assert all(0.0 <= alpha <= 2.0 for alpha in run["alpha"])
-    trained = json.loads((tmp_path / study.run_name(0.5, 0.05, "xsam", 0) / "train_results.json").read_text())
+    trained = json.loads((tmp_path / image_run_name(0.5, 0.05, "xsam", 0) / "train_results.json").read_text())
     assert trained["label_noise"] == 0.5 and trained["train_samples"] == 32

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import selection
 import translation_study as ts
+from configs import CONFIGS, parse_configs, rho_free
+from tasks import MULTI30K_FILES, translation_run_name
 
 # a tiny Marian and tokenizer: the real run takes seconds
 TINY_MARIAN = ["--d_model", "16", "--num_layers", "1", "--num_heads", "2", "--ffn_dim", "32", "--vocab_size", "60"]
@@ -22,20 +25,20 @@ def write_data(folder: Path, n_train: int = 24) -> Path:
         for (de_v, en_v) in verbs
     ]
     folder.mkdir()
-    for split, name in ts.FILES.items():
+    for split, name in MULTI30K_FILES.items():
         rows = (pairs * 2)[:n_train] if split == "train" else pairs[:4]
         (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
 
 
 def test_configurations_are_parsed_and_validated():
-    configs = ts.parse_configs(["cheap=--sam_method xsam --sam_interval 2 --alpha_search_interval 0"])
-    assert list(configs) == ["none", "sam", "xsam", "cheap"]
+    configs = parse_configs(["cheap=--sam_method xsam --sam_interval 2 --alpha_search_interval 0"])
+    assert list(configs) == ["cheap"]  # a study's own, beside the table's
     assert configs["cheap"] == ["--sam_method", "xsam", "--sam_interval", "2", "--alpha_search_interval", "0"]
-    assert ts.rho_free(configs["none"]) and not ts.rho_free(configs["cheap"])
-    for spec in ("cheap", "xsam=--rho 0.1", "two words=--rho 0.1", "cheap=rho"):
+    assert rho_free(CONFIGS["none"]) and not rho_free(configs["cheap"])
+    for spec in ("cheap", "xsam=--rho 0.1", "adamw=--rho 0.1", "two words=--rho 0.1", "cheap=rho"):
         with pytest.raises(ValueError, match="Invalid --config"):
-            ts.parse_configs([spec])
+            parse_configs([spec])
 
 
 def test_bad_data_and_methods_are_refused(tmp_path, monkeypatch):
@@ -43,7 +46,7 @@ def test_bad_data_and_methods_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pass --data_dir or set MULTI30K_DIR"):
         ts.main(["--output_dir", str(tmp_path / "out")])
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / ts.FILES["train"]).write_text("")
+    (tmp_path / "data" / MULTI30K_FILES["train"]).write_text("")
     with pytest.raises(ValueError, match=r"Invalid --data_dir .*val.de-en.jsonl, test_2016_flickr.de-en.jsonl not"):
         ts.main(["--data_dir", str(tmp_path / "data")])
     with pytest.raises(ValueError, match="Invalid --methods adam: not one of none, sam, xsam"):
@@ -92,7 +95,7 @@ def fake_training(calls):
 
 def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ts.subprocess, "run", fake_training(calls))
+    monkeypatch.setattr(selection.subprocess, "run", fake_training(calls))
     data = write_data(tmp_path / "data")
     argv = [
         "--data_dir",
@@ -152,7 +155,7 @@ def test_study_records_every_run_and_resumes(tmp_path, monkeypatch):
 
     ts.main(argv)
     assert len(calls) == 20  # every run was recorded: nothing trains again
-    (tmp_path / "out" / ts.run_name("none", None, 1) / "study_run.json").unlink()
+    (tmp_path / "out" / translation_run_name("none", None, 1) / "study_run.json").unlink()
     ts.main([*argv[:-5], "--report_only"])
     assert len(calls) == 20 and len(json.loads((tmp_path / "out" / "tiny.json").read_text())["runs"]) == 9
 
@@ -166,5 +169,5 @@ def test_study_runs_the_script_end_to_end(tmp_path):
     assert 0.0 <= run["alpha"][0] <= 2.0 and run["best_epoch"] == 1
     # one epoch: the best checkpoint is the final model, so both translations of the test set agree
     assert (run["best_test_bleu"], run["best_test_chrf"]) == (run["test_bleu"], run["test_chrf"])
-    trained = json.loads((tmp_path / "out" / ts.run_name("xsam", 0.05, 0) / "train_results.json").read_text())
+    trained = json.loads((tmp_path / "out" / translation_run_name("xsam", 0.05, 0) / "train_results.json").read_text())
     assert trained["train_samples"] == 24
