@@ -83,10 +83,13 @@ def expected_weights(
     reuse_scale=None,
     model_class=TinyClassifier,
     eta=None,
+    arcs=None,
 ):
     """Float64 SGD over what every worker saw: sharpness-aware steps from ``first`` every ``interval`` steps, plain
     steps (plus the kept direction with ``reuse_scale``) otherwise; alpha fixed, or searched on ``search_steps``;
-    ASAM's ascent with ``eta``."""
+    ASAM's ascent with ``eta``. The losses of each search (averaged over workers; each micro-batch's own mean, as the
+    engine records them) are appended to ``arcs``."""
+    arcs = [] if arcs is None else arcs
     model = model_class()
     w, alpha, kept = flat(model), 1.0 if alpha is None else alpha, None
     for step in range(steps):
@@ -104,16 +107,22 @@ def expected_weights(
             direction = kept = 0
             for m in range(accumulation):
                 loss = scaled(flat_loss(model, cat([micro[r][m] for r in range(WORLD)])), 1 / accumulation)
-                d, alpha, _ = xsam_direction(loss, w, rho=rho, alpha=alpha, search=search and m == 0, adaptive_eta=eta)
+                d, alpha, arc = xsam_direction(
+                    loss, w, rho=rho, alpha=alpha, search=search and m == 0, adaptive_eta=eta
+                )
+                arcs += [[accumulation * loss for loss in arc]] if arc else []  # as the micro-batch's own mean
                 # the kept direction: the mean over the micro-batches of their measured orthogonal parts
                 direction, kept = direction + d, kept + orthogonal_part(d, gradient(loss, w)) / accumulation
         else:  # each worker its own direction; search losses averaged over workers, then the directions
             if search:  # each worker at its own radius with ASAM's ascent (its own climb's length)
-                arcs = [
-                    xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True, adaptive_eta=eta)[2]
-                    for r in range(WORLD)
-                ]
-                alpha = round(0.1 * int(torch.argmax(torch.tensor(arcs).mean(0))), 10)
+                arc = torch.tensor(
+                    [
+                        xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True, adaptive_eta=eta)[2]
+                        for r in range(WORLD)
+                    ]
+                ).mean(0)
+                alpha = round(0.1 * int(torch.argmax(arc)), 10)
+                arcs.append(arc.tolist())
             directions = [
                 xsam_direction(loss, w, rho=rho, alpha=alpha, adaptive_eta=eta)[0] for rank in losses for loss in rank
             ]
@@ -143,11 +152,17 @@ def test_ddp_matches_single_process_reference(ranks, case):
     mode, accumulation, steps, search_steps, eta = EXPECTED[case]
     seen = [ranks[r][case]["seen"] for r in range(WORLD)]
     assert not torch.equal(seen[0][0]["x"], seen[1][0]["x"]), "workers must see different data"
-    expected, alpha = expected_weights(seen, mode, accumulation, steps, search_steps, eta=eta)
+    arcs = []
+    expected, alpha = expected_weights(seen, mode, accumulation, steps, search_steps, eta=eta, arcs=arcs)
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r][case]["weights"], expected, rtol=1e-9, atol=1e-10)
         assert ranks[r][case]["alpha"] == pytest.approx(alpha)
         assert set(ranks[r][case]["searches"]) == search_steps
+        # the losses along the arc, so the radii too (with ASAM's ascent in "local", each worker's own climb's)
+        searched = [record["losses"] for record in ranks[r][case]["search_history"]]
+        assert len(searched) == len(arcs) == len(search_steps)
+        for losses, arc in zip(searched, arcs):
+            assert losses == pytest.approx(arc, rel=1e-6)  # the engine keeps losses in float32
 
 
 def test_workers_end_identical(ranks):
