@@ -21,7 +21,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 
-from .rules import STEP_RULES
+from .ascent import AdaptiveAscent
+from .rules import STEP_RULES, StepRule
 
 __all__ = ["XSAM_TAGS", "XSAM_CITATION", "PAPER_URL", "xsam_section", "add_xsam_section"]
 
@@ -46,9 +47,16 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _step_rule(settings: Mapping[str, Any]) -> StepRule:
+    """The step rule of ``settings``: ``sam_method``'s, climbing with ASAM's ascent where ``sam_adaptive`` is on (as
+    ``XSAMConfig.step_rule`` gives it; the table shows its ``sam_adaptive_eta``)."""
+    rule = STEP_RULES[settings.get("sam_method", "xsam")]
+    return rule.with_ascent(AdaptiveAscent()) if settings.get("sam_adaptive") else rule
+
+
 def _settings_table(settings: Mapping[str, Any]) -> list[str]:
     """The settings the step rule reads (``StepRule.settings``), as they were set."""
-    rule = STEP_RULES[settings.get("sam_method", "xsam")]
+    rule = _step_rule(settings)
     names = ["sam_method", *rule.settings]
     if not settings.get("sam_reuse"):
         names = [name for name in names if name != "sam_reuse_scale"]
@@ -118,8 +126,7 @@ def xsam_section(
     Returns:
         The section, between HTML comments that let :func:`add_xsam_section` replace it.
     """
-    method = settings.get("sam_method", "xsam")
-    rule = STEP_RULES[method]
+    rule = _step_rule(settings)
     if not rule.sharpness_aware:
         return "\n".join([SECTION_START, "## Training", "", f"This model was trained with hf_xsam using {rule.card}.",
                           "", *_settings_table(settings), SECTION_END]) + "\n"  # fmt: skip

@@ -17,7 +17,7 @@ from hf_xsam.geometry import (
     mul_add_scaled_,
     slerp_coefficients,
 )
-from reference import gradient, sgd_step, xsam_direction
+from reference import gradient, orthogonal_part, reused_direction, sgd_step, xsam_direction
 
 
 def closures(model, batch):
@@ -141,6 +141,64 @@ def test_parallel_v0_v1_falls_back_to_v1():
     assert w.tolist() == [3.0, 4.0]
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+def test_adaptive_ascent_moves_a_weight_at_zero_only_with_eta(eta):
+    """ASAM's ``T = |w0| + eta`` is 0 at a weight at zero when eta is 0 (davda54/sam's ``adaptive=True``): the ascent
+    leaves it where it is; eta > 0 moves it. The ascent points and the direction are the reference's."""
+    model = TinyClassifier()
+    with torch.no_grad():
+        model.fc1.bias.zero_()
+        model.fc2.weight[0, :3] = 0.0
+    batch = make_data()
+    w0, rho = flat(model), 0.5
+    at_zero = w0 == 0
+    points = []
+    forward_backward, _ = closures(model, batch)
+
+    def recording():
+        points.append(flat(model))
+        return forward_backward()
+
+    engine = XSAM(
+        model.parameters(), sam_method="sam", rho=rho, ascent_steps=2, sam_adaptive=True, sam_adaptive_eta=eta
+    )
+    engine.step(recording, step=0)
+    loss = flat_loss(model, batch)
+    expected, _, _ = xsam_direction(loss, w0, rho=rho, k=2, adaptive_eta=eta)
+    torch.testing.assert_close(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]), expected, rtol=1e-9, atol=1e-12
+    )
+    # the first ascent point by hand: w0 + (rho / k) T^2 g0 / ||T g0||
+    t, g0 = w0.abs() + eta, gradient(loss, w0)
+    torch.testing.assert_close(points[1], w0 + rho / 2 * t * t * g0 / (t * g0).norm(), rtol=1e-9, atol=1e-12)
+    assert len(points) == 3 and torch.equal(flat(model), w0)
+    assert (g0[at_zero] != 0).all() and at_zero.sum() == 9
+    for point in points[1:]:
+        if eta == 0:
+            assert torch.equal(point[at_zero], w0[at_zero]), "T = 0: a weight at zero does not move"
+        else:
+            assert (point[at_zero] != 0).all()
+        assert (point[~at_zero] != w0[~at_zero]).all()
+
+
+def test_adaptive_ascent_with_eta_zero_at_all_zero_weights_stalls_to_the_gradient():
+    """Every weight at zero and eta 0: ``T = 0``, so the ascent cannot move; it stalls (no NaN from ``0 / ||T g||``)
+    and the direction is the gradient at ``w0`` (SAM's fallback, ``u = v1``)."""
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def forward_backward():
+        loss = ((w - target) ** 4).sum()
+        loss.backward()
+        return loss.detach()
+
+    engine = XSAM([w], rho=1.0, sam_adaptive=True, sam_adaptive_eta=0.0)
+    stats = engine.step(forward_backward, lambda: ((w - target) ** 4).sum(), step=0)
+    torch.testing.assert_close(w.grad, -4 * target**3)
+    assert bool(stats.stalled) and not bool(stats.nonfinite) and float(stats.theta) == 0.0
+    assert torch.equal(w.detach(), torch.zeros(3)) and math.isfinite(engine.alpha)
+
+
 def test_zero_gradients_give_zero_direction_and_no_nan():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
 
@@ -237,16 +295,64 @@ def test_nonfinite_gradient_poisons_direction_and_restores_weights():
     assert engine.alpha == 0.7, "a non-finite step must not move alpha"
 
 
-def test_accumulation_sums_per_micro_batch_directions():
+@pytest.mark.parametrize(
+    "settings, reference",
+    [
+        (dict(rho=0.1), dict(rho=0.1)),
+        # ASAM's ascent: T = |w0| + eta of the step's start for both steps of both micro-batches
+        (
+            dict(rho=1.0, ascent_steps=2, sam_adaptive=True, sam_adaptive_eta=0.05),
+            dict(rho=1.0, k=2, adaptive_eta=0.05),
+        ),
+    ],
+)
+def test_accumulation_sums_per_micro_batch_directions(settings, reference):
     model = TinyClassifier()
     data = make_data(n=8)
     halves = [{k: v[:4] for k, v in data.items()}, {k: v[4:] for k, v in data.items()}]
-    expected = sum(xsam_direction(flat_loss(model, h), flat(model), rho=0.1, alpha=1.3)[0] for h in halves)
-    engine = XSAM(model.parameters(), rho=0.1, alpha=1.3, alpha_search_interval=0)
+    expected = sum(xsam_direction(flat_loss(model, h), flat(model), alpha=1.3, **reference)[0] for h in halves)
+    engine = XSAM(model.parameters(), alpha=1.3, alpha_search_interval=0, **settings)
     engine.step(*closures(model, halves[0]), accumulate=True)
     engine.step(*closures(model, halves[1]), accumulate=False)
     direction = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_reuse_keeps_the_orthogonal_part_of_adaptive_directions_under_accumulation():
+    """sam_reuse with ASAM's ascent and two micro-batches: the plain step after the sharpness-aware one adds the mean
+    over the micro-batches of each direction's part orthogonal to its first gradient (the ascent must leave that
+    gradient as it was, or scale it by a positive number), measured against that gradient."""
+    model = TinyClassifier()
+    data = make_data(n=8)
+    halves = [{k: v[:4] for k, v in data.items()}, {k: v[4:] for k, v in data.items()}]
+    w0, scale = flat(model), 5.0  # a scale above the kept part's size: the reused part is the kept one itself
+    engine = XSAM(
+        model.parameters(),
+        rho=1.0,
+        sam_adaptive=True,
+        sam_adaptive_eta=0.05,
+        alpha=1.3,
+        alpha_search_interval=0,
+        sam_interval=2,
+        sam_reuse=True,
+        sam_reuse_scale=scale,
+    )
+    engine.step(*closures(model, halves[0]), accumulate=True)
+    engine.step(*closures(model, halves[1]))
+    losses = [flat_loss(model, h) for h in halves]
+    directions = [xsam_direction(loss, w0, rho=1.0, alpha=1.3, adaptive_eta=0.05)[0] for loss in losses]
+    sharpness_aware = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(sharpness_aware, sum(directions), rtol=1e-9, atol=1e-12)
+    kept = sum(orthogonal_part(d, gradient(loss, w0)) for d, loss in zip(directions, losses)) / 2
+    assert 0.05 < float(kept.norm()) < scale  # the test measures the kept part's size too
+    # the plain step after it, on the whole batch
+    model.zero_grad()
+    model(**data)["loss"].backward()
+    engine.reuse_direction_()
+    expected = reused_direction(gradient(flat_loss(model, data), w0), kept, scale)
+    torch.testing.assert_close(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]), expected, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_accumulation_updates_parameters_that_only_an_earlier_micro_batch_reached():
@@ -334,6 +440,14 @@ def test_geometry_against_flat_vectors():
         ("alpha", float("nan"), "Invalid alpha: nan"),
         ("sam_method", "none", "Invalid sam_method: 'none' takes no XSAM step"),
         ("sam_perturbation", "both", "Invalid sam_perturbation: 'both'; choose one of local, global"),
+        ("sam_adaptive_eta", -0.01, r"Invalid sam_adaptive_eta: -0.01; it must be a finite number in \[0, 1e\+18\]"),
+        ("sam_adaptive_eta", float("nan"), "Invalid sam_adaptive_eta: nan"),
+        ("sam_adaptive_eta", float("inf"), "Invalid sam_adaptive_eta: inf"),
+        ("sam_adaptive_eta", 1e19, r"Invalid sam_adaptive_eta: 1e\+19"),
+        ("sam_adaptive_eta", "0.1", "Invalid sam_adaptive_eta: '0.1'"),
+        ("sam_adaptive_eta", True, "Invalid sam_adaptive_eta: True"),
+        ("sam_adaptive", "true", "Invalid sam_adaptive: 'true'; it must be True or False"),
+        ("sam_adaptive", 1, "Invalid sam_adaptive: 1; it must be True or False"),
     ],
 )
 def test_invalid_settings_are_refused(field, value, match):

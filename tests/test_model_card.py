@@ -97,12 +97,26 @@ def test_sam_section_lists_no_alpha_search_setting():
     assert all(f"| {name} |" in xsam_text for name in SEARCH_SETTINGS)
 
 
-def test_trainer_card_has_xsam_metadata_and_section(tmp_path):
-    trainer = tiny_trainer(tmp_path)
+@pytest.mark.parametrize("method", ["xsam", "sam", "none"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_section_lists_the_adaptive_ascent_where_the_rule_climbs_with_it(method, adaptive):
+    text = xsam_section({**SETTINGS, "sam_method": method, "sam_adaptive": adaptive, "sam_adaptive_eta": 0.0}, LOGS)
+    climbs = adaptive and method != "none"
+    assert ("| sam_adaptive | True |\n| sam_adaptive_eta | 0 |" in text) == climbs
+    assert ("| sam_adaptive" in text) == climbs, "the settings of an ascent the rule does not take are not listed"
+    assert ("the ascent is adaptive (ASAM, Kwon et al. 2021)" in text) == climbs
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_trainer_card_has_xsam_metadata_and_section(tmp_path, adaptive):
+    trainer = tiny_trainer(tmp_path, sam_adaptive=adaptive, sam_adaptive_eta=0.05)
     trainer.create_model_card(model_name="tiny")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "transformers"
     assert set(XSAM_TAGS) <= set(card.data.tags)
+    assert ("asam" in card.data.tags) == adaptive
+    assert ("| sam_adaptive_eta | 0.05 |" in card.text) == adaptive
+    assert ("the ascent is adaptive" in card.text) == adaptive
     assert "| rho | 0.07 |" in card.text and "| alpha_search_interval | 2 |" in card.text
     assert f"Final alpha: {trainer.xsam.alpha:.4g}" in card.text
     assert "2 alpha searches" in card.text

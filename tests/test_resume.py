@@ -273,12 +273,28 @@ def test_changed_settings_on_resume_are_logged_once(checkpoint, tmp_path, caplog
 
 
 def test_every_changed_xsam_setting_is_logged_once_with_both_values(checkpoint, tmp_path, caplog):
-    changed = dict(rho=0.2, sam_interval=2, sam_reuse=True, alpha_search="coarse_to_fine", sam_perturbation="global")
+    changed = dict(
+        rho=0.2,
+        sam_interval=2,
+        sam_reuse=True,
+        alpha_search="coarse_to_fine",
+        sam_perturbation="global",
+        sam_adaptive=True,
+        sam_adaptive_eta=0.1,
+    )
     with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
         resume(checkpoint, tmp_path, **changed)
     notes = [r.message for r in caplog.records if "Resuming with other XSAM settings" in r.message]
     # the checkpoint's run: rho 0.1 and the defaults
-    before = dict(rho=0.1, sam_interval=1, sam_reuse=False, alpha_search="grid", sam_perturbation="local")
+    before = dict(
+        rho=0.1,
+        sam_interval=1,
+        sam_reuse=False,
+        alpha_search="grid",
+        sam_perturbation="local",
+        sam_adaptive=False,
+        sam_adaptive_eta=0.01,
+    )
     for name, value in changed.items():
         lines = [note for note in notes if f" {name} was " in note]
         assert len(lines) == 1, (name, notes)
@@ -319,6 +335,8 @@ def test_resume_with_the_same_settings_continues_the_schedule(checkpoint, tmp_pa
         dict(extrapolate_after_drop=0.05, alpha_search="coarse_to_fine"),
         dict(sam_method="sam", sam_interval=2),
         dict(gradient_accumulation_steps=2, sam_interval=2),
+        # ASAM's ascent: T = |w0| + eta of each step's own start, whether the run was resumed or not
+        dict(sam_adaptive=True, sam_adaptive_eta=0.05, rho=1.0, ascent_steps=2, sam_interval=2),
     ],
 )
 def test_resume_at_and_around_the_schedule_boundaries_equals_the_uninterrupted_run(tmp_path, schedule):

@@ -64,39 +64,50 @@ def same_state(a, b):
 
 
 class InfInPass(SequentialXSAMTrainer):
-    """Makes the loss infinite in pass ``bad_pass`` (1 = first, 2 = ascent point) of optimizer step 1."""
+    """Makes the loss infinite (or ``poison``) in pass ``bad_pass`` of optimizer step 1 (1 = first, 2 = the next: the
+    ascent point with one ascent step, the first step's end with two)."""
 
     bad_pass = 2
+    poison = float("inf")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.calls = getattr(self, "calls", 0) + 1
-        if self.state.global_step == 1 and self.calls == 2 + self.bad_pass:
-            loss = loss * float("inf")
+        passes = self.args.step_rule.passes(self.args.ascent_steps)
+        if self.state.global_step == 1 and self.calls == passes + self.bad_pass:
+            loss = loss * self.poison
         return loss
 
 
+# ASAM's ascent and a NaN, in the first pass or the second of a climb of two steps: the norms ||T g|| of the climb
+# must carry it to the skip
+ADAPTIVE = dict(sam_adaptive=True, rho=1.0, ascent_steps=2)
+
+
 @pytest.mark.parametrize(
-    "optim, dtype, autocast",
+    "optim, dtype, autocast, settings, poison",
     [
-        ("adamw_torch_fused", torch.float32, False),
-        ("adamw_torch", torch.float32, False),
-        ("sgd", torch.float32, False),
-        ("adamw_torch_fused", torch.bfloat16, False),
-        ("sgd", torch.float32, True),
+        ("adamw_torch_fused", torch.float32, False, {}, float("inf")),
+        ("adamw_torch", torch.float32, False, {}, float("inf")),
+        ("sgd", torch.float32, False, {}, float("inf")),
+        ("adamw_torch_fused", torch.bfloat16, False, {}, float("inf")),
+        ("sgd", torch.float32, True, {}, float("inf")),
+        ("adamw_torch", torch.float32, False, ADAPTIVE, float("nan")),
     ],
 )
 @pytest.mark.parametrize("bad_pass", [1, 2])
-def test_nonfinite_pass_without_scaler_skips_the_step(tmp_path, caplog, optim, dtype, autocast, bad_pass):
+def test_nonfinite_pass_without_scaler_skips_the_step(
+    tmp_path, caplog, optim, dtype, autocast, settings, poison, bad_pass
+):
     model, data = TinyClassifier(dtype=dtype), make_data(n=N)
     snapshots = Snapshots()
     trainer = InfInPass(
         model=model,
-        args=args_for(tmp_path, max_steps=3, optim=optim, bf16=autocast),
+        args=args_for(tmp_path, max_steps=3, optim=optim, bf16=autocast, **settings),
         train_dataset=as_dataset(data),
         callbacks=[snapshots],
     )
-    trainer.bad_pass = bad_pass
+    trainer.bad_pass, trainer.poison = bad_pass, poison
     with caplog.at_level(logging.WARNING, logger="hf_xsam.trainer"):
         trainer.train()
     (weights_before, state_before), (weights_after, state_after) = snapshots.begin[1], snapshots.end[1]

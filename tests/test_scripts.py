@@ -41,6 +41,7 @@ import classify_images
 import translate
 from helpers import TINY_VIT
 from hf_xsam import XSAMSeq2SeqTrainingArguments
+from hf_xsam.ascent import AdaptiveAscent
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
@@ -425,6 +426,29 @@ def test_classify_builds_a_resnet_with_batchnorm_and_trains_it_with_sgd(tmp_path
     assert model.config.model_type == "resnet" and model.config.hidden_sizes == [8, 16]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert read_json(out / "trainer_state.json")["log_history"][0]["xsam/alpha"] >= 0
+
+
+def test_classify_trains_with_the_adaptive_ascent_from_its_flags(tmp_path, monkeypatch):
+    """``--sam_adaptive true --sam_adaptive_eta 0`` parse into the run's settings; ASAM trains and its card says so."""
+    climbs, climb = [], AdaptiveAscent.climb_
+
+    def counted(ascent, *args):
+        climbs.append(ascent.eta)
+        return climb(ascent, *args)
+
+    monkeypatch.setattr(AdaptiveAscent, "climb_", counted)
+    out = tmp_path / "out"
+    run(classify_images, monkeypatch, "--output_dir", out, *TINY_VIT, *COMMON, "--max_train_samples", 16,
+        "--max_eval_samples", 8, "--max_steps", 2, "--eval_strategy", "no", "--sam_method", "sam", "--rho", 0.5,
+        "--sam_adaptive", "true", "--sam_adaptive_eta", 0)  # fmt: skip
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.sam_adaptive, args.sam_adaptive_eta) == (True, 0.0)
+    assert climbs == [0.0, 0.0], "one adaptive climb of eta 0 per step"
+    logs = [entry for entry in read_json(out / "trainer_state.json")["log_history"] if "xsam/theta" in entry]
+    # the ascent moved the weights (a stalled one gives theta 0), though every bias at zero stays there with eta 0
+    assert len(logs) == 2 and all(np.isfinite(entry["loss"]) and entry["xsam/theta"] > 0 for entry in logs)
+    card = ModelCard.load(out / "README.md")
+    assert "asam" in card.data.tags and "| sam_adaptive | True |\n| sam_adaptive_eta | 0 |" in card.text
 
 
 @pytest.mark.parametrize(

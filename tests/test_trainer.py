@@ -47,13 +47,14 @@ def reference_run(
     first_sharpness_aware_step=0,
     reuse_scale=None,
     alpha_max=2.0,
+    adaptive_eta=None,
 ):
     """Float64 XSAM over the batches in order, epochs of N / BATCH steps, SGD (optionally with momentum).
 
     Sharpness-aware steps start at ``first_sharpness_aware_step`` and come every ``sam_interval`` steps from it;
     the others use the plain gradient, plus the kept orthogonal part of the last sharpness-aware direction when
     ``reuse_scale`` is given (LookSAM). With ``search_every_epoch`` the first sharpness-aware step of every epoch
-    searches alpha.
+    searches alpha. ``adaptive_eta``: ASAM's ascent with that eta.
     """
     w, buffer, alphas, kept, searched_epoch = flat(model), None, [], torch.zeros_like(flat(model)), None
     for step in range(STEPS):
@@ -72,7 +73,9 @@ def reference_run(
         else:
             search = search_every_epoch and (searched_epoch is None or epoch > searched_epoch)
             searched_epoch = epoch if search else searched_epoch
-            d, alpha, _ = xsam_direction(loss, w, rho=rho, k=k, alpha=alpha, search=search, alpha_max=alpha_max)
+            d, alpha, _ = xsam_direction(
+                loss, w, rho=rho, k=k, alpha=alpha, search=search, alpha_max=alpha_max, adaptive_eta=adaptive_eta
+            )
             kept = orthogonal_part(d, gradient(loss, w))
         if clip:
             d = d * min(1.0, clip / (float(d.norm()) + 1e-6))
@@ -113,6 +116,11 @@ CASES = {
         dict(rho=0.3, sam_interval=2, sam_reuse=True, max_grad_norm=0.05),
         dict(rho=0.3, sam_interval=2, search_every_epoch=True, reuse_scale=0.7, clip=0.05),
     ),
+    # ASAM's ascent, searched alpha: the search radius is the climb's Euclidean length times rho_max / rho
+    "search_k2_asam": (
+        dict(rho=1.0, ascent_steps=2, sam_adaptive=True, sam_adaptive_eta=0.05),
+        dict(rho=1.0, k=2, search_every_epoch=True, adaptive_eta=0.05),
+    ),
     "label_smoothing": (
         dict(rho=0.2, label_smoothing_factor=0.1),
         dict(rho=0.2, search_every_epoch=True, label_smoothing=0.1),
@@ -151,16 +159,20 @@ def test_custom_compute_loss_and_user_optimizer(tmp_path):
     torch.testing.assert_close(flat(model), expected, rtol=1e-9, atol=1e-10)
 
 
-def test_gradient_accumulation_averages_micro_batch_directions(tmp_path):
+@pytest.mark.parametrize(
+    "settings, reference",
+    [(dict(rho=0.2), dict(rho=0.2)), (dict(rho=1.0, sam_adaptive=True), dict(rho=1.0, adaptive_eta=0.01))],
+)
+def test_gradient_accumulation_averages_micro_batch_directions(tmp_path, settings, reference):
     model, data = TinyClassifier(), make_data(n=N)
     w = flat(model)
     for step in range(2):  # two optimizer steps of 2 x 2 examples, fixed alpha
         start = step * 4
         halves = [{k: v[start + i : start + i + 2] for k, v in data.items()} for i in (0, 2)]
-        w = w - LR * sum(xsam_direction(flat_loss(model, h), w, rho=0.2, alpha=1.5)[0] for h in halves) / 2
+        w = w - LR * sum(xsam_direction(flat_loss(model, h), w, alpha=1.5, **reference)[0] for h in halves) / 2
     args = xsam_args(
         tmp_path,
-        rho=0.2,
+        **settings,
         alpha=1.5,
         alpha_search_interval=0,
         per_device_train_batch_size=2,
@@ -259,6 +271,8 @@ def test_resume_continues_as_if_never_interrupted(tmp_path):
         ("alpha_search_interval", -1, "Invalid alpha_search_interval"),
         ("sam_perturbation", "half", "Invalid sam_perturbation: 'half'"),
         ("sam_eps", -1.0, "Invalid sam_eps"),
+        ("sam_adaptive_eta", -0.5, "Invalid sam_adaptive_eta: -0.5"),
+        ("sam_adaptive", "yes", "Invalid sam_adaptive: 'yes'"),
     ],
 )
 def test_invalid_arguments_fail_at_construction(tmp_path, field, value, match):

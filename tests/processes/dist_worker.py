@@ -15,6 +15,9 @@ from helpers import RoutedClassifier, SequentialXSAMTrainer, TinyClassifier, as_
 from hf_xsam import XSAMTrainingArguments
 
 N, LR = 16, 0.5
+# ASAM's ascent (sam_adaptive) with this eta, in the cases named "asam"
+ETA = 0.05
+ASAM = dict(sam_adaptive=True, sam_adaptive_eta=ETA)
 
 CASES = {
     "local": dict(rho=0.3, max_steps=6),
@@ -35,6 +38,22 @@ CASES = {
         alpha_search_interval=0,
     ),
     "local_start_accumulation": dict(rho=0.3, max_steps=4, gradient_accumulation_steps=2, sam_start_ratio=0.5),
+    # each worker climbs with T = |w0| + eta and its own gradient; the search radii are each worker's own climb's
+    "local_asam": dict(rho=0.3, max_steps=6, **ASAM),
+    "global_asam_accumulation": dict(
+        rho=0.3, max_steps=3, gradient_accumulation_steps=2, sam_perturbation="global", **ASAM
+    ),
+    "local_asam_reuse_accumulation": dict(
+        rho=0.3,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        sam_interval=2,
+        sam_reuse=True,
+        sam_reuse_scale=5.0,  # above the kept part's size: the test sees its size too
+        alpha=1.3,
+        alpha_search_interval=0,
+        **ASAM,
+    ),
 }
 # Batch j of two examples goes to rank j % 2, as micro-batch j // 2 % 2 of step j // 4. Step 0: rank 0 uses head a
 # only, rank 1 head b only; step 1: head b only in rank 0's first micro-batch; step 2: head b nowhere.
@@ -44,6 +63,8 @@ ROUTED_CASES = {
     "routed_local": dict(alpha_search_interval=2),
     "routed_global": dict(alpha_search_interval=2, sam_perturbation="global"),
     "routed_none": dict(sam_method="none"),
+    "routed_local_asam": dict(alpha_search_interval=2, **ASAM),
+    "routed_global_asam": dict(alpha_search_interval=2, sam_perturbation="global", **ASAM),
 }
 # sam_interval=2: step 1 is plain (synchronised) and rank 1 does not reach head b there, which it used on the
 # sharpness-aware step 0 (all under no_sync)

@@ -17,11 +17,12 @@ from hf_xsam import XSAM
 from hf_xsam.distributed import all_reduce_mean_
 
 STEPS, BATCH, LR = 4, 2, 0.5
+# the settings of each run beyond the shared ones; "asam": ASAM's ascent on the shards (|w0| of the local shard, the
+# norms ||T g|| and ||T^2 g|| summed over the shards)
+RUNS = {"xsam": {}, "asam": dict(sam_adaptive=True, sam_adaptive_eta=0.05)}
 
 
-def main(out: Path) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def train(world: int, rank: int, **settings) -> dict:
     model = TinyClassifier()
     fully_shard(model)
     data = make_data(n=STEPS * BATCH * world)
@@ -33,6 +34,7 @@ def main(out: Path) -> None:
         modules=model.modules(),
         reduce_losses=lambda losses: all_reduce_mean_([losses]),
         sam_perturbation="global",
+        **settings,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
@@ -48,15 +50,19 @@ def main(out: Path) -> None:
         engine.step(forward_backward, lambda: model(**batch)["loss"], step=step)
         optimizer.step()
     weights = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
-    torch.save(
-        {
-            "weights": weights,
-            "alpha": engine.alpha,
-            "sharded": engine.sharded,
-            "local_numel": sum(p.to_local().numel() for p in model.parameters()),
-        },
-        out / f"fsdp_rank{rank}.pt",
-    )
+    return {
+        "weights": weights,
+        "alpha": engine.alpha,
+        "sharded": engine.sharded,
+        "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+    }
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {name: train(world, rank, **settings) for name, settings in RUNS.items()}
+    torch.save(results, out / f"fsdp_rank{rank}.pt")
     dist.destroy_process_group()
 
 

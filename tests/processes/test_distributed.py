@@ -7,26 +7,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import ETA
 
 from helpers import RoutedClassifier, TinyClassifier, flat, flat_loss, make_data
 from reference import gradient, orthogonal_part, reused_direction, xsam_direction
 
 TESTS = Path(__file__).parent
 LR, WORLD = 0.5, 2
-# (mode, gradient accumulation, optimizer steps, steps that search alpha): 16 examples, 2 per worker
-# and micro-batch, so an epoch is 4 steps without accumulation and 2 with it
+# (mode, gradient accumulation, optimizer steps, steps that search alpha, ASAM's eta or None): 16 examples, 2 per
+# worker and micro-batch, so an epoch is 4 steps without accumulation and 2 with it
 EXPECTED = {
-    "local": ("local", 1, 6, {0, 4}),
-    "global": ("global", 1, 6, {0, 4}),
-    "local_accumulation": ("local", 2, 3, {0, 2}),
-    "global_accumulation": ("global", 2, 3, {0, 2}),
+    "local": ("local", 1, 6, {0, 4}, None),
+    "global": ("global", 1, 6, {0, 4}, None),
+    "local_accumulation": ("local", 2, 3, {0, 2}, None),
+    "global_accumulation": ("global", 2, 3, {0, 2}, None),
+    "local_asam": ("local", 1, 6, {0, 4}, ETA),
+    "global_asam_accumulation": ("global", 2, 3, {0, 2}, ETA),
 }
 # the schedules of cheap configurations: (mode, accumulation, steps, search steps, first sharpness-aware step,
-# sam_interval, fixed alpha or None, reuse scale or None)
+# sam_interval, fixed alpha or None, reuse scale or None, ASAM's eta or None)
 SCHEDULES = {
-    "local_reuse": ("local", 1, 6, set(), 0, 2, 1.3, 0.7),
-    "global_reuse_accumulation": ("global", 2, 4, set(), 0, 2, 1.3, 0.5),
-    "local_start_accumulation": ("local", 2, 4, {2}, 2, 1, None, None),
+    "local_reuse": ("local", 1, 6, set(), 0, 2, 1.3, 0.7, None),
+    "global_reuse_accumulation": ("global", 2, 4, set(), 0, 2, 1.3, 0.5, None),
+    "local_start_accumulation": ("local", 2, 4, {2}, 2, 1, None, None, None),
+    "local_asam_reuse_accumulation": ("local", 2, 4, set(), 0, 2, 1.3, 5.0, ETA),
 }
 
 
@@ -78,9 +82,14 @@ def expected_weights(
     alpha=None,
     reuse_scale=None,
     model_class=TinyClassifier,
+    eta=None,
+    arcs=None,
 ):
     """Float64 SGD over what every worker saw: sharpness-aware steps from ``first`` every ``interval`` steps, plain
-    steps (plus the kept direction with ``reuse_scale``) otherwise; alpha fixed, or searched on ``search_steps``."""
+    steps (plus the kept direction with ``reuse_scale``) otherwise; alpha fixed, or searched on ``search_steps``;
+    ASAM's ascent with ``eta``. The losses of each search (averaged over workers; each micro-batch's own mean, as the
+    engine records them) are appended to ``arcs``."""
+    arcs = [] if arcs is None else arcs
     model = model_class()
     w, alpha, kept = flat(model), 1.0 if alpha is None else alpha, None
     for step in range(steps):
@@ -98,16 +107,25 @@ def expected_weights(
             direction = kept = 0
             for m in range(accumulation):
                 loss = scaled(flat_loss(model, cat([micro[r][m] for r in range(WORLD)])), 1 / accumulation)
-                d, alpha, _ = xsam_direction(loss, w, rho=rho, alpha=alpha, search=search and m == 0)
+                d, alpha, arc = xsam_direction(
+                    loss, w, rho=rho, alpha=alpha, search=search and m == 0, adaptive_eta=eta
+                )
+                arcs += [[accumulation * loss for loss in arc]] if arc else []  # as the micro-batch's own mean
                 # the kept direction: the mean over the micro-batches of their measured orthogonal parts
                 direction, kept = direction + d, kept + orthogonal_part(d, gradient(loss, w)) / accumulation
         else:  # each worker its own direction; search losses averaged over workers, then the directions
-            if search:
+            if search:  # each worker at its own radius with ASAM's ascent (its own climb's length)
                 arc = torch.tensor(
-                    [xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True)[2] for r in range(WORLD)]
+                    [
+                        xsam_direction(flat_loss(model, micro[r][0]), w, rho=rho, search=True, adaptive_eta=eta)[2]
+                        for r in range(WORLD)
+                    ]
                 ).mean(0)
                 alpha = round(0.1 * int(torch.argmax(arc)), 10)
-            directions = [xsam_direction(loss, w, rho=rho, alpha=alpha)[0] for rank in losses for loss in rank]
+                arcs.append(arc.tolist())
+            directions = [
+                xsam_direction(loss, w, rho=rho, alpha=alpha, adaptive_eta=eta)[0] for rank in losses for loss in rank
+            ]
             direction = sum(directions) / WORLD
             firsts = [gradient(loss, w) for rank in losses for loss in rank]
             kept = sum(orthogonal_part(d, g) for d, g in zip(directions, firsts)) / (WORLD * accumulation)
@@ -117,11 +135,11 @@ def expected_weights(
 
 @pytest.mark.parametrize("case", list(SCHEDULES))
 def test_ddp_cheap_schedules_match_the_reference_and_keep_ranks_equal(ranks, case):
-    mode, accumulation, steps, search_steps, first, interval, alpha, reuse_scale = SCHEDULES[case]
+    mode, accumulation, steps, search_steps, first, interval, alpha, reuse_scale, eta = SCHEDULES[case]
     seen = [ranks[r][case]["seen"] for r in range(WORLD)]
     expected, alpha = expected_weights(
         seen, mode, accumulation, steps, search_steps, first=first, interval=interval, alpha=alpha,
-        reuse_scale=reuse_scale,
+        reuse_scale=reuse_scale, eta=eta,
     )  # fmt: skip
     assert torch.equal(ranks[0][case]["weights"], ranks[1][case]["weights"])
     for r in range(WORLD):
@@ -131,14 +149,20 @@ def test_ddp_cheap_schedules_match_the_reference_and_keep_ranks_equal(ranks, cas
 
 @pytest.mark.parametrize("case", list(EXPECTED))
 def test_ddp_matches_single_process_reference(ranks, case):
-    mode, accumulation, steps, search_steps = EXPECTED[case]
+    mode, accumulation, steps, search_steps, eta = EXPECTED[case]
     seen = [ranks[r][case]["seen"] for r in range(WORLD)]
     assert not torch.equal(seen[0][0]["x"], seen[1][0]["x"]), "workers must see different data"
-    expected, alpha = expected_weights(seen, mode, accumulation, steps, search_steps)
+    arcs = []
+    expected, alpha = expected_weights(seen, mode, accumulation, steps, search_steps, eta=eta, arcs=arcs)
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r][case]["weights"], expected, rtol=1e-9, atol=1e-10)
         assert ranks[r][case]["alpha"] == pytest.approx(alpha)
         assert set(ranks[r][case]["searches"]) == search_steps
+        # the losses along the arc, so the radii too (with ASAM's ascent in "local", each worker's own climb's)
+        searched = [record["losses"] for record in ranks[r][case]["search_history"]]
+        assert len(searched) == len(arcs) == len(search_steps)
+        for losses, arc in zip(searched, arcs):
+            assert losses == pytest.approx(arc, rel=1e-6)  # the engine keeps losses in float32
 
 
 def test_workers_end_identical(ranks):
@@ -170,12 +194,14 @@ def test_resume_from_multi_worker_checkpoint(ranks):
 
 
 @pytest.mark.parametrize("mode", ["local", "global"])
-def test_ddp_with_a_head_one_rank_does_not_use(ranks, mode):
+@pytest.mark.parametrize("eta", [None, ETA], ids=["sam_ascent", "asam_ascent"])
+def test_ddp_with_a_head_one_rank_does_not_use(ranks, mode, eta):
     """ddp_find_unused_parameters: the ranks stay equal and match the reference, in which a head a worker did not use
     has a zero gradient there; the optimizer sees the gradients plain DDP gives it (none for a head no rank used)."""
-    case = ranks[0][f"routed_{mode}"], ranks[1][f"routed_{mode}"]
+    name = f"routed_{mode}" + ("_asam" if eta is not None else "")
+    case = ranks[0][name], ranks[1][name]
     seen = [case[r]["seen"] for r in range(WORLD)]
-    expected, _ = expected_weights(seen, mode, 2, 3, {0, 2}, model_class=RoutedClassifier)
+    expected, _ = expected_weights(seen, mode, 2, 3, {0, 2}, model_class=RoutedClassifier, eta=eta)
     for r in range(WORLD):
         torch.testing.assert_close(case[r]["weights"], expected, rtol=1e-9, atol=1e-10)
     assert torch.equal(case[0]["weights"], case[1]["weights"])
@@ -229,16 +255,21 @@ def fsdp_ranks(tmp_path_factory):
     return torchrun("fsdp_worker.py", tmp_path_factory.mktemp("fsdp"), "fsdp_rank")
 
 
-def test_fsdp2_sharded_engine_equals_one_device_on_the_global_batch(fsdp_ranks):
-    from fsdp_worker import BATCH, STEPS
+@pytest.mark.parametrize("run, eta", [("xsam", None), ("asam", 0.05)])
+def test_fsdp2_sharded_engine_equals_one_device_on_the_global_batch(fsdp_ranks, run, eta):
+    """The engine on shards (and with ASAM's ascent, ``T`` of the local shards and the norms over the shards) against
+    the reference on the whole model and the global batch."""
+    from fsdp_worker import BATCH, RUNS, STEPS
+
+    assert RUNS[run].get("sam_adaptive_eta") == eta
 
     data = make_data(n=STEPS * BATCH * WORLD)
     seen = [
         [{k: v[(s * WORLD + r) * BATCH : (s * WORLD + r + 1) * BATCH] for k, v in data.items()} for s in range(STEPS)]
         for r in range(WORLD)
     ]
-    expected, alpha = expected_weights(seen, "global", 1, STEPS, {0, 2})
-    for result in fsdp_ranks:
+    expected, alpha = expected_weights(seen, "global", 1, STEPS, {0, 2}, eta=eta)
+    for result in (rank[run] for rank in fsdp_ranks):
         assert result["sharded"] and 0 < result["local_numel"] < expected.numel()
         torch.testing.assert_close(result["weights"].detach(), expected, rtol=1e-9, atol=1e-10)
         assert result["alpha"] == pytest.approx(alpha)
