@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .geometry import add_scaled_
 
-__all__ = ["Ascent", "EuclideanAscent", "AdaptiveAscent", "Norms"]
+__all__ = ["Ascent", "EuclideanAscent", "AdaptiveAscent", "ASCENTS", "Norms"]
 
 Norms = Callable[..., Tensor]
 """``norms(*lists)``: the norm of each list of tensors taken as one vector (over the shards, with FSDP2)."""
@@ -118,3 +118,7 @@ class AdaptiveAscent(Ascent):
         scale = radius / (scaled_norm + eps)
         add_scaled_(params, step, torch.where(torch.isfinite(scaled_norm), scale, 0.0))
         return scaled_norm, step_norm * scale
+
+
+ASCENTS: tuple[Ascent, ...] = (EuclideanAscent(), AdaptiveAscent())
+"""One of each ascent a setting can pick (their tags and card sentences do not depend on their parameters)."""

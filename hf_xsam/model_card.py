@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 
-from .ascent import AdaptiveAscent
+from .ascent import ASCENTS, AdaptiveAscent
 from .rules import STEP_RULES, StepRule
 
 __all__ = ["XSAM_TAGS", "XSAM_CITATION", "PAPER_URL", "xsam_section", "add_xsam_section"]
@@ -213,7 +213,8 @@ def add_xsam_section(card_path: str, trainer: Any, about: Mapping[str, str] | No
     settings = {**trainer.args.xsam_settings, "alpha_max": top}
     rule = trainer.args.step_rule
     # the tags of the rule the model was trained with, and none that another rule would give
-    other_rules_tags = {tag for other in STEP_RULES.values() for tag in other.tags} - set(rule.tags)
+    every_rule = [other.with_ascent(ascent) for other in STEP_RULES.values() for ascent in ASCENTS]
+    other_rules_tags = {tag for other in every_rule for tag in other.tags} - set(rule.tags)
     tags = [tag for tag in card.data.tags or [] if tag not in other_rules_tags]
     card.data.tags = tags + [tag for tag in rule.tags if tag not in tags]
     for result in card.data.eval_results or []:  # the Trainer writes a missing split or config as "None"

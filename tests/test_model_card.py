@@ -134,6 +134,16 @@ def test_trainer_card_of_the_baseline_does_not_claim_sharpness_aware_training(tm
     assert "xsam" not in card.data.tags and "sharpness-aware-minimization" not in card.data.tags
 
 
+def test_a_card_rewritten_for_another_run_drops_the_adaptive_ascents_tag(tmp_path):
+    asam = tiny_trainer(tmp_path, sam_method="sam", sam_adaptive=True)
+    asam.create_model_card(model_name="tiny")
+    assert "asam" in ModelCard.load(tmp_path / "README.md").data.tags
+    sam = tiny_trainer(tmp_path, sam_method="sam")
+    add_xsam_section(str(tmp_path / "README.md"), sam)
+    tags = ModelCard.load(tmp_path / "README.md").data.tags
+    assert "asam" not in tags and "sharpness-aware-minimization" in tags
+
+
 def test_trainer_card_prints_a_warmup_ratio_as_a_ratio(tmp_path):
     trainer = tiny_trainer(tmp_path, warmup_steps=0.25, max_steps=8)
     trainer.create_model_card()
