@@ -102,6 +102,7 @@ CONFIGS = {
         4,
     ),
     "sam-k2": ({"sam_method": "sam", "ascent_steps": 2}, 1, 1, 1),
+    "asam": ({"sam_method": "sam", "sam_adaptive": True}, 1, 1, 1),
     "xsam-k2": ({"sam_method": "xsam", "alpha_search_interval": NEVER, "ascent_steps": 2}, 1, 1, 1),
     "base-ga2": ({"sam_method": "none"}, 1, 2, 1),
     "xsam-ga2": ({"sam_method": "xsam", "alpha_search_interval": 1}, 1, 2, 1),
@@ -359,7 +360,8 @@ def summarise_times(times: dict[str, list[float]], search_every: int) -> dict:
             ]
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {f"{name}/base": paired_ratio(times, name, "base") for name in times if name != "base"}
-    for num, den in (("xsam-nosearch", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2")):
+    pairs = (("xsam-nosearch", "sam"), ("xsam-amortised", "sam"), ("xsam-k2-amortised", "sam-k2"), ("asam", "sam"))
+    for num, den in pairs:
         if num in times and den in times:
             ratios[f"{num}/{den}"] = paired_ratio(times, num, den)
     for guarded, unguarded in GUARDED.items():
@@ -574,6 +576,7 @@ def markdown(task_name: str, size: str, timing: dict, memory: dict | None, where
         "xsam-nosearch/sam",
         "xsam-amortised/sam",
         "xsam-k2-amortised/sam-k2",
+        "asam/sam",
         *guards,
         *versus_reference,
     ):
