@@ -230,7 +230,7 @@ class XSAM:
         try:
             with self.running_stats:
                 ascent_loss, grads, ascent_norms, climbed = self._ascend(
-                    forward_backward, owners, weights, first_grads
+                    forward_backward, owners, weights, saved, first_grads
                 )
                 torch._foreach_sub_(weights, saved)  # weights hold w_k - w0 (v0 before normalisation)
                 plane = self._plane(weights, grads, climbed)
@@ -255,16 +255,21 @@ class XSAM:
         return XSAMStepStats(loss, ascent_loss, plane.theta, nonfinite, plane.stalled, skip)
 
     def _ascend(
-        self, forward_backward: Callable[[], Tensor], owners: list[Tensor], weights: list[Tensor], grads: list[Tensor]
+        self,
+        forward_backward: Callable[[], Tensor],
+        owners: list[Tensor],
+        weights: list[Tensor],
+        saved: list[Tensor],
+        grads: list[Tensor],
     ) -> tuple[Tensor, list[Tensor], Tensor, Tensor | float]:
-        """Climb ``k`` steps of ``rho / k`` from ``w0`` with the rule's ascent and take the gradient ``g_k`` at ``w_k``.
+        """Climb ``k`` steps of ``rho / k`` from ``w0`` (held in ``saved``) with the rule's ascent and take the gradient
+        ``g_k`` at ``w_k``.
 
         Returns the loss at ``w_k``, ``g_k``, the sum of the norms that normalised the ascent steps (non-finite when
         a gradient was) and the climb's Euclidean length. The first gradient ``grads`` is left as it was, or scaled by
         a positive number.
         """
         config, parameters = self.config, self.parameters
-        saved = parameters.buffers("saved", owners)
         radius = config.rho / config.ascent_steps
         norms, lengths = [], []
         for i in range(config.ascent_steps):

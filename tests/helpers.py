@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import SequentialSampler
-from transformers import PretrainedConfig
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
@@ -146,3 +146,20 @@ class SequentialXSAMTrainer(XSAMTrainer):
 
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
+
+
+def tiny_llama(tokenizer, seed: int = 0, max_positions: int = 64) -> LlamaForCausalLM:
+    """A one-layer Llama of hidden size 16 over ``tokenizer``'s vocabulary, built from a config (SFT and DPO tests)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)

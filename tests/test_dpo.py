@@ -13,10 +13,10 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import SequentialSampler
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainingArguments
 from trl import DPOConfig, DPOTrainer, TrlParser
 
-from helpers import training_args
+from helpers import tiny_llama, training_args
 from hf_xsam import XSAMConfig, XSAMDPOConfig, XSAMDPOTrainer
 
 ROOT = Path(__file__).parent.parent
@@ -43,22 +43,6 @@ def word_tokenizer():
     words = Tokenizer(models.WordLevel(vocab, "<pad>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>")
-
-
-def tiny_llama(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
 
 
 def dpo_args(tmp_path, args_class=XSAMDPOConfig, **overrides):
@@ -101,7 +85,7 @@ def make_trainer(tmp_path, trainer_class=XSAMDPOTrainer, reference="copy", peft_
     """A trainer on the embedded pairs; ``reference`` "copy" passes a copy of the model as the reference model,
     None leaves it to TRL (the model with its adapters off under LoRA, or precomputed log-probabilities)."""
     tokenizer = word_tokenizer()
-    model = tiny_llama(tokenizer)
+    model = tiny_llama(tokenizer, max_positions=32)
     args_class = DPOConfig if trainer_class is DPOTrainer else XSAMDPOConfig
     return trainer_class(
         model=model,
@@ -190,7 +174,7 @@ def test_reference_runs_on_every_pass_unless_precomputed(tmp_path):
     assert counted.count == sum(log["xsam/passes"] + log["xsam/search_forwards"] for log in logs)
 
     tokenizer = word_tokenizer()
-    model = tiny_llama(tokenizer)
+    model = tiny_llama(tokenizer, max_positions=32)
     reference_model = copy.deepcopy(model)
     before_training = CountForwards(reference_model)
     precomputed = XSAMDPOTrainer(
@@ -228,7 +212,7 @@ def test_card_is_the_trainers_with_dpo_and_xsam(tmp_path, method):
 
 def test_arguments_by_position_by_name_or_the_default(tmp_path, monkeypatch):
     tokenizer = word_tokenizer()
-    model, data = tiny_llama(tokenizer), preference_pairs()
+    model, data = tiny_llama(tokenizer, max_positions=32), preference_pairs()
     args = dpo_args(tmp_path)
     # DPOTrainer(model, ref_model, args, data_collator, train_dataset, ...)
     trainer = XSAMDPOTrainer(model, copy.deepcopy(model), args, None, data, processing_class=tokenizer)

@@ -15,15 +15,13 @@ from torch.utils.data import SequentialSampler
 from transformers import (
     AutoTokenizer,
     HfArgumentParser,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     TrainerCallback,
     TrainingArguments,
 )
 from trl import SFTConfig, TrlParser
 
-from helpers import training_args
+from helpers import tiny_llama, training_args
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer, XSAMTrainer, XSAMTrainingArguments
 from hf_xsam.state import STATE_NAME
 
@@ -44,22 +42,6 @@ def train_tokenizer(data):
     texts = list(data["prompt"]) + list(data["completion"])
     backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"]))
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_llama(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
 
 
 def sft_args(tmp_path, **overrides):
